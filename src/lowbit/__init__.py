@@ -1,0 +1,46 @@
+"""lowbit: quantization that makes trained networks smaller and faster, and measures it.
+
+    import lowbit
+    model, tok = lowbit.models.load("smollm2-135m")
+    lowbit.quantize_(model, lowbit.WeightOnly(bits=4, group_size=128))
+    lowbit.save(model, "out/w4g128", tokenizer=tok)
+    model = lowbit.load("out/w4g128")
+
+Importing lowbit loads torch only: no CUDA initialisation, no model or data access. ``models``,
+``data``, ``eval`` and ``workflows`` are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lowbit.core import (
+    CheckpointError,
+    FormatVersionError,
+    LowbitError,
+    NonFiniteError,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    QuantSpec,
+)
+from lowbit.export import load, save
+from lowbit.nn import QEmbedding, QLinear
+from lowbit.transforms import QuantSummary, WeightOnly, parse_scheme, quantize_
+
+__version__ = "0.1.0"
+
+_LAZY = ("models", "data", "eval", "workflows")
+
+__all__ = [
+    "CheckpointError", "FormatVersionError", "LowbitError", "NonFiniteError", "PerChannel", "PerGroup",
+    "PerTensor", "PerToken", "QEmbedding", "QLinear", "QuantSpec", "QuantSummary", "WeightOnly", "__version__",
+    "load", "parse_scheme", "quantize_", "save", *_LAZY,
+]  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"lowbit.{name}")
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+"""Pure math on tensors: weight quantization algorithms. No model walking here."""
+
+from lowbit.algorithms.rtn import QuantizedTensor, rtn
+
+__all__ = ["QuantizedTensor", "rtn"]

@@ -1,0 +1,48 @@
+"""Atomic output folders: everything is written to a hidden temp folder beside the target, then renamed.
+
+An interrupted write leaves the target as it was (absent, or the previous output) and removes its temp
+folder; an existing target is replaced only when the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from lowbit.core.errors import LowbitError
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder to fill; on success it becomes ``target``. On error nothing changes."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise LowbitError(f"{target} exists and is not a folder")
+    if target.exists() and not overwrite:
+        raise LowbitError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,156 @@
+"""Quantized modules: plain buffers (stored codes, scale, zero point) and one-line forwards.
+
+Buffers of a module whose float weight is ``(rows, cols)`` quantized to ``spec``:
+
+| buffer       | shape                                  | dtype                               |
+|--------------|----------------------------------------|-------------------------------------|
+| `qweight`    | ``(rows, stored_bytes(cols, fmt))``    | uint8 (bit-packed rows, see codec)  |
+| `scale`      | ``qparam_shape((rows, cols), block)``  | ``spec.scale_dtype``                |
+| `zero_point` | same as `scale` (int formats only)     | int8 / uint8 (the code dtype)       |
+
+Rows are output channels for ``QLinear`` and table rows for ``QEmbedding``, so a tied embedding and
+LM head share one set of buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lowbit.algorithms.rtn import QuantizedTensor
+from lowbit.core.codec import encode, stored_bytes
+from lowbit.core.errors import LowbitError
+from lowbit.core.spec import PerChannel, PerGroup, PerTensor, QuantSpec, qparam_shape
+from lowbit.kernels import select
+from lowbit.kernels.reference import dequantize_weight
+
+QMODULES: dict[str, type[QuantizedWeightModule]] = {}
+FLOAT_TO_Q: dict[type[nn.Module], type[QuantizedWeightModule]] = {}
+
+
+def register_qmodule(float_type: type[nn.Module]) -> Callable:
+    """Class decorator: ``cls`` is the quantized counterpart of ``float_type``."""
+
+    def deco(cls):
+        QMODULES[cls.__name__] = cls
+        FLOAT_TO_Q[float_type] = cls
+        return cls
+
+    return deco
+
+
+class QuantizedWeightModule(nn.Module):
+    """Base: a ``(rows, cols)`` weight held as ``qweight``/``scale``/``zero_point`` buffers."""
+
+    rows: int
+    cols: int
+
+    def _init_weight_buffers(self, spec: QuantSpec, dtype: torch.dtype) -> None:
+        shape = (self.rows, self.cols)
+        qshape = qparam_shape(shape, spec.block_size(shape))
+        fmt = spec.fmt
+        self.spec = spec
+        self.dtype = dtype
+        self.register_buffer("qweight", torch.zeros(self.rows, stored_bytes(self.cols, fmt), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(qshape, dtype=spec.torch_scale_dtype))
+        zp = torch.zeros(qshape, dtype=fmt.torch_dtype) if fmt.kind == "int" else None
+        self.register_buffer("zero_point", zp)
+
+    def set_weight(self, qt: QuantizedTensor) -> None:
+        """Store an algorithm's result (codes ``(rows, cols)``) into the buffers."""
+        if tuple(qt.codes.shape) != (self.rows, self.cols) or qt.spec != self.spec:
+            raise LowbitError(f"{type(self).__name__}: weight {tuple(qt.codes.shape)}/{qt.spec} does not fit")
+        self.qweight = encode(qt.codes, self.spec.fmt)
+        self.scale = qt.scale.contiguous()
+        self.zero_point = qt.zero_point.contiguous() if qt.zero_point is not None else None
+
+    def share_weight(self, other: QuantizedWeightModule) -> None:
+        """Use ``other``'s buffers (tied weights): one stored copy, two modules."""
+        if (other.rows, other.cols, other.spec) != (self.rows, self.cols, self.spec):
+            raise LowbitError("tied modules must have the same weight shape and spec")
+        self.qweight, self.scale, self.zero_point = other.qweight, other.scale, other.zero_point
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``(rows, cols)`` these buffers stand for."""
+        return dequantize_weight(self.qweight, self.scale, self.zero_point, self.spec, self.cols, dtype)
+
+    def config_entry(self) -> dict:
+        """What ``from_entry`` needs to rebuild an empty module of this shape (saved in quant_config.json)."""
+        return {"type": type(self).__name__, "spec": self.spec.to_dict(), "dtype": str(self.dtype)[6:]}
+
+    def extra_repr(self) -> str:
+        g = self.spec.granularity
+        gran = f"g{g.size}" if isinstance(g, PerGroup) else g.kind
+        sym = "sym" if self.spec.symmetric else "asym"
+        return f"{self.rows}x{self.cols}, {self.spec.format} {gran} {sym}, scale {self.spec.scale_dtype}"
+
+
+@register_qmodule(nn.Linear)
+class QLinear(QuantizedWeightModule):
+    """``y = x @ W.T + b`` with ``W (out_features, in_features)`` stored quantized."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, backend: str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.rows, self.cols = out_features, in_features
+        self._init_weight_buffers(spec, dtype)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_float(cls, m: nn.Linear, spec: QuantSpec) -> QLinear:
+        return cls(m.in_features, m.out_features, spec, m.bias is not None, m.weight.dtype)
+
+    @classmethod
+    def from_entry(cls, e: dict) -> QLinear:
+        spec, dtype = QuantSpec.from_dict(e["spec"]), getattr(torch, e["dtype"])
+        return cls(e["in_features"], e["out_features"], spec, e["bias"], dtype)
+
+    def config_entry(self) -> dict:
+        e = super().config_entry()
+        return e | {"in_features": self.in_features, "out_features": self.out_features,
+                    "bias": self.bias is not None}  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = select("weight_only_linear", self.spec, x.device, self.backend).fn
+        return k(x, self.qweight, self.scale, self.zero_point, self.bias, self.spec, self.in_features)
+
+
+@register_qmodule(nn.Embedding)
+class QEmbedding(QuantizedWeightModule):
+    """Lookup table ``(num_embeddings, embedding_dim)`` stored quantized per row or per row-group."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec,
+                 padding_idx: int | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        super().__init__()
+        g = spec.granularity
+        per_row = (isinstance(g, PerChannel) and g.axis in (0, -2)) or (
+            isinstance(g, PerGroup) and g.axis in (1, -1)
+        )
+        if not per_row and not isinstance(g, PerTensor):
+            raise LowbitError(f"QEmbedding needs per-row or per-group (along the row) qparams, got {g}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.rows, self.cols = num_embeddings, embedding_dim
+        self._init_weight_buffers(spec, dtype)
+
+    @classmethod
+    def from_float(cls, m: nn.Embedding, spec: QuantSpec) -> QEmbedding:
+        return cls(m.num_embeddings, m.embedding_dim, spec, m.padding_idx, m.weight.dtype)
+
+    @classmethod
+    def from_entry(cls, e: dict) -> QEmbedding:
+        spec, dtype = QuantSpec.from_dict(e["spec"]), getattr(torch, e["dtype"])
+        return cls(e["num_embeddings"], e["embedding_dim"], spec, e.get("padding_idx"), dtype)
+
+    def config_entry(self) -> dict:
+        e = super().config_entry()
+        return e | {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                    "padding_idx": self.padding_idx}  # fmt: skip
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.spec.granularity, PerTensor):
+            return nn.functional.embedding(ids, self.dequantized_weight(self.dtype))
+        k = select("embedding", self.spec, ids.device).fn
+        return k(ids, self.qweight, self.scale, self.zero_point, self.spec, self.embedding_dim).to(self.dtype)

@@ -1,0 +1,93 @@
+"""Quantization configs: frozen dataclasses with a ``version`` and a JSON round trip.
+
+``config_from_dict`` is the edge where saved or user-written configs are validated: unknown types,
+unknown fields and newer versions are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from lowbit.core.errors import FormatVersionError, LowbitError
+from lowbit.core.spec import PerChannel, PerGroup, QuantSpec
+
+CONFIGS: dict[str, type[QuantConfig]] = {}
+
+
+def register_config(cls: type[QuantConfig]) -> type[QuantConfig]:
+    CONFIGS[cls.__name__] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base of all configs. ``VERSION`` is the newest version this code reads."""
+
+    VERSION = 1
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **asdict(self)}
+
+
+def config_from_dict(d: dict) -> QuantConfig:
+    """Rebuild a config from ``to_dict`` output, validating type, fields and version."""
+    d = dict(d)
+    name = d.pop("type", None)
+    if name not in CONFIGS:
+        raise LowbitError(f"unknown quantization config type {name!r}; known: {', '.join(CONFIGS)}")
+    cls = CONFIGS[name]
+    if int(d.get("version", 1)) > cls.VERSION:
+        raise FormatVersionError(
+            f"{name} version {d['version']} is newer than this lowbit reads ({cls.VERSION}); upgrade lowbit"
+        )
+    known = {f.name for f in fields(cls)}
+    if set(d) - known:
+        raise LowbitError(f"unknown {name} fields: {sorted(set(d) - known)}")
+    return cls(**d)
+
+
+def _weight_spec(bits: int, group_size: int | None, symmetric: bool, scale_dtype: str) -> QuantSpec:
+    if not 2 <= bits <= 8:
+        raise LowbitError(f"weight bits must be 2..8, got {bits}")
+    fmt = f"int{bits}" if symmetric else f"uint{bits}"
+    gran = PerGroup(group_size) if group_size else PerChannel(0)
+    return QuantSpec(fmt, symmetric, gran, scale_dtype)
+
+
+@register_config
+@dataclass(frozen=True)
+class WeightOnly(QuantConfig):
+    """Weight-only quantization of Linear and Embedding layers; activations stay float.
+
+    bits: 2..8. group_size: elements per scale along the input dimension; None or 0 = one scale per
+    output channel. symmetric: int{bits} with zero point 0, else uint{bits} with a fitted integer
+    zero point. scale_dtype: storage dtype of scales. embedding_bits / embedding_group_size: for
+    Embedding tables (and an LM head tied to one); None = same as the Linear layers, group 0 = per row.
+    quantize_embeddings: False keeps Embedding tables float. method: "rtn" (round to nearest).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+    embedding_bits: int | None = None
+    embedding_group_size: int | None = None
+    quantize_embeddings: bool = True
+    method: str = "rtn"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        self.linear_spec()
+        self.embedding_spec()
+        if self.method != "rtn":
+            raise LowbitError(f"unknown weight method {self.method!r}; available: rtn")
+
+    def linear_spec(self) -> QuantSpec:
+        return _weight_spec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+
+    def embedding_spec(self) -> QuantSpec | None:
+        if not self.quantize_embeddings:
+            return None
+        bits = self.embedding_bits if self.embedding_bits is not None else self.bits
+        group = self.embedding_group_size if self.embedding_group_size is not None else self.group_size
+        return _weight_spec(bits, group, self.symmetric, self.scale_dtype)

@@ -1,0 +1,89 @@
+"""``quantize_``: look the handler up by ``type(config)`` and let it swap modules in place."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lowbit.core.errors import LowbitError
+from lowbit.transforms.configs import QuantConfig
+
+HANDLERS: dict[type[QuantConfig], Callable] = {}
+
+
+def register_handler(config_type: type[QuantConfig]) -> Callable:
+    """Decorator: ``fn(model, config, calib, selector, progress) -> QuantSummary`` handles ``config_type``."""
+
+    def deco(fn: Callable) -> Callable:
+        HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class QuantSummary:
+    """What ``quantize_`` did: fqn -> description of quantized modules; fqn -> reason for skipped ones."""
+
+    config: QuantConfig
+    quantized: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{type(self.config).__name__}: {len(self.quantized)} modules quantized"]
+        lines += [f"  tied: {a} shares {b}" for a, b in self.tied.items()]
+        lines += [f"  kept float: {k} ({v})" for k, v in self.skipped.items()]
+        return "\n".join(lines)
+
+
+class Selector:
+    """Module-name filter. Patterns are globs (``*.mlp.*``) or regexes prefixed ``re:``.
+
+    A name is selected when it matches some ``include`` pattern (all names if include is empty)
+    and no ``exclude`` pattern.
+    """
+
+    def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
+        self.include = [self._compile(p) for p in include]
+        self.exclude = [self._compile(p) for p in exclude]
+
+    @staticmethod
+    def _compile(p: str) -> re.Pattern:
+        try:
+            return re.compile(p[3:] if p.startswith("re:") else fnmatch.translate(p))
+        except re.error as e:
+            raise LowbitError(f"bad module pattern {p!r}: {e}") from None
+
+    def __call__(self, fqn: str) -> bool:
+        inc = not self.include or any(p.fullmatch(fqn) for p in self.include)
+        return inc and not any(p.fullmatch(fqn) for p in self.exclude)
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: Iterable | None = None,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    progress: bool = False,
+) -> QuantSummary:
+    """Quantize ``model`` in place as ``config`` says; returns what was quantized and what stayed float.
+
+    ``calib``: calibration batches for methods that need them (ignored by round-to-nearest).
+    ``include``/``exclude``: module-name patterns (see ``Selector``).
+    """
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        known = ", ".join(t.__name__ for t in HANDLERS)
+        raise LowbitError(f"no handler for config {type(config).__name__}; known: {known}")
+    summary = handler(model, config, calib, Selector(include, exclude), progress)
+    if not summary.quantized:
+        raise LowbitError("no quantizable layer matched (check the model and include/exclude patterns)")
+    model.lowbit_config = config.to_dict()
+    return summary

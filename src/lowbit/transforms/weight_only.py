@@ -1,0 +1,41 @@
+"""Handler for ``WeightOnly``: swap Linear/Embedding for QLinear/QEmbedding, weights by RTN."""
+
+from __future__ import annotations
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms.rtn import rtn
+from lowbit.nn.modules import FLOAT_TO_Q, QuantizedWeightModule
+from lowbit.transforms.configs import WeightOnly
+from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
+
+
+@register_handler(WeightOnly)
+def weight_only(model: nn.Module, config: WeightOnly, calib, select: Selector, progress: bool) -> QuantSummary:
+    """Quantize every selected Linear and Embedding; tied weights are quantized once and shared."""
+    summary = QuantSummary(config)
+    targets = []
+    for fqn, m in model.named_modules():
+        if type(m) not in FLOAT_TO_Q or not select(fqn):
+            continue
+        spec = config.embedding_spec() if isinstance(m, nn.Embedding) else config.linear_spec()
+        if spec is None:
+            summary.skipped[fqn] = "embeddings kept float by config"
+            continue
+        targets.append((fqn, m, spec))
+    done: dict[int, tuple[str, QuantizedWeightModule]] = {}  # id(float weight) -> first quantized owner
+    for fqn, m, spec in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
+        q = FLOAT_TO_Q[type(m)].from_float(m, spec)
+        owner = done.get(id(m.weight))
+        if owner is not None and owner[1].spec == spec:
+            q.share_weight(owner[1])
+            summary.tied[fqn] = owner[0]
+        else:
+            q.set_weight(rtn(m.weight.detach(), spec, name=f"{fqn}.weight"))
+            done.setdefault(id(m.weight), (fqn, q))
+        if getattr(m, "bias", None) is not None:
+            q.bias = m.bias.detach().clone()
+        model.set_submodule(fqn, q)
+        summary.quantized[fqn] = q.extra_repr()
+    return summary

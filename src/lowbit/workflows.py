@@ -1,0 +1,118 @@
+"""End-to-end jobs the CLI and the demo run: load a model reference, quantize and save, evaluate, compare.
+
+A model reference is a lowbit checkpoint folder (has quant_config.json), a bundled model name
+(``smollm2-135m``), a local Hugging Face folder or a ``.gguf`` file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lowbit.core.errors import LowbitError
+from lowbit.export.checkpoint import QUANT_CONFIG, load, save
+from lowbit.transforms import parse_scheme, quantize_
+
+TASKS = ("wiki-ppl",)
+
+
+def load_any(ref: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for any model reference (see module docstring)."""
+    from lowbit import models
+
+    path = Path(ref)
+    if (path / QUANT_CONFIG).is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+        return load(path), tokenizer
+    return models.load(str(ref), progress=progress)
+
+
+def quantize_and_save(ref: str, scheme: str, out: str | os.PathLike, *, include=(), exclude=(),
+                      overwrite: bool = False, progress: bool = True) -> dict:  # fmt: skip
+    """Quantize model ``ref`` with ``scheme`` (e.g. ``w4g128``) and save it to ``out``; returns stats."""
+    config = parse_scheme(scheme)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
+    model, tok = load_any(ref, progress)
+    t0 = time.perf_counter()
+    summary = quantize_(model, config, include=include, exclude=exclude, progress=progress)
+    seconds = time.perf_counter() - t0
+    save(model, out, tokenizer=tok, overwrite=overwrite)
+    from lowbit.eval.size import dir_bytes
+
+    return {"model": str(ref), "scheme": scheme, "out": str(out), "quantized_modules": len(summary.quantized),
+            "tied": summary.tied, "kept_float": summary.skipped, "quantize_seconds": round(seconds, 2),
+            "bytes_on_disk": dir_bytes(out / "model.safetensors")}  # fmt: skip
+
+
+def evaluate(ref: str | os.PathLike, task: str = "wiki-ppl", *, n_tokens: int = 8192, window: int = 512,
+             progress: bool = True) -> dict:  # fmt: skip
+    """Run ``task`` on model ``ref``; returns a JSON-ready dict."""
+    if task not in TASKS:
+        raise LowbitError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    from lowbit.data import eval_tokens
+    from lowbit.eval.perplexity import perplexity
+
+    model, tok = load_any(ref, progress)
+    t0 = time.perf_counter()
+    ppl = perplexity(model, eval_tokens(tok, n_tokens), window=window, progress=progress)
+    return {"model": str(ref), "task": task, "perplexity": ppl, "tokens": n_tokens, "window": window,
+            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+
+
+@dataclass
+class SchemeRow:
+    scheme: str
+    size_mb: float
+    compression: float
+    ppl: float
+    ppl_change_pct: float
+    seconds: float
+
+
+def compare_schemes(ref: str, schemes: list[str], out_root: str | os.PathLike, *, n_tokens: int = 8192,
+                    window: int = 512, progress: bool = True) -> list[SchemeRow]:  # fmt: skip
+    """fp32 baseline and each scheme: size on disk, compression, perplexity, change, time.
+
+    Each quantized model is saved under ``out_root/<scheme>`` and evaluated after being loaded back,
+    so the numbers are those of the checkpoint a user would ship.
+    """
+    from lowbit.data import eval_tokens
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.eval.size import dir_bytes, fp32_checkpoint_bytes
+
+    t0 = time.perf_counter()
+    model, tok = load_any(ref, progress)
+    tokens = eval_tokens(tok, n_tokens)
+    fp32_bytes = fp32_checkpoint_bytes(model)
+    base = perplexity(model, tokens, window=window, progress=progress)
+    rows = [SchemeRow("fp32", fp32_bytes / 1e6, 1.0, base, 0.0, time.perf_counter() - t0)]
+    for scheme in schemes:
+        t0 = time.perf_counter()
+        out = Path(out_root) / scheme
+        quantize_and_save(ref, scheme, out, overwrite=True, progress=progress)
+        q_model, _ = load_any(out)
+        ppl = perplexity(q_model, tokens, window=window, progress=progress)
+        size = dir_bytes(out / "model.safetensors")
+        rows.append(SchemeRow(scheme, size / 1e6, fp32_bytes / size, ppl, 100 * (ppl / base - 1),
+                              time.perf_counter() - t0))  # fmt: skip
+    return rows
+
+
+def format_rows(rows: list[SchemeRow]) -> str:
+    """Markdown table of ``compare_schemes`` rows."""
+    head = "| scheme | size (MB) | vs fp32 | perplexity | change | time (s) |\n|---|---:|---:|---:|---:|---:|"
+    body = [f"| {r.scheme} | {r.size_mb:.1f} | {r.compression:.2f}x | {r.ppl:.2f} | {r.ppl_change_pct:+.1f}% "
+            f"| {r.seconds:.0f} |" for r in rows]  # fmt: skip
+    return "\n".join([head, *body])
+
+
+def rows_to_json(rows: list[SchemeRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

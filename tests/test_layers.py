@@ -1,0 +1,39 @@
+"""Architecture guards: imports go one way, and importing lowbit is lean (no CUDA, no transformers)."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lowbit"
+# Each package may import only packages of a lower rank (same rank = itself).
+RANK = {"core": 0, "observers": 1, "algorithms": 2, "kernels": 3, "nn": 4, "transforms": 5, "models": 1,
+        "data": 1, "export": 6, "eval": 6, "workflows": 7, "cli": 8}  # fmt: skip
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lowbit."):
+            yield node.module.split(".")[1]
+        elif isinstance(node, ast.Import):
+            yield from (a.name.split(".")[1] for a in node.names if a.name.startswith("lowbit."))
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_upward_import(path):
+    rel = path.relative_to(SRC)
+    own = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+    if own not in RANK:
+        return  # lowbit/__init__.py re-exports the public API
+    for dep in _imports(path):
+        assert dep == own or RANK[dep] < RANK[own], f"{rel} imports lowbit.{dep} (upward)"
+
+
+def test_import_is_lean():
+    code = ("import sys, lowbit, torch; "
+            "assert not torch.cuda.is_initialized(); "
+            "heavy = [m for m in ('transformers', 'gensim', 'accelerate', 'onnx') if m in sys.modules]; "
+            "assert not heavy, heavy")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)
