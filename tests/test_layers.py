@@ -9,8 +9,20 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lowbit"
 # Each package may import only packages of a lower rank (same rank = itself).
-RANK = {"core": 0, "observers": 1, "algorithms": 2, "kernels": 3, "nn": 4, "transforms": 5, "models": 1,
-        "data": 1, "export": 6, "eval": 6, "workflows": 7, "cli": 8}  # fmt: skip
+RANK = {
+    "core": 0,
+    "observers": 1,
+    "algorithms": 2,
+    "kernels": 3,
+    "nn": 4,
+    "transforms": 5,
+    "models": 1,
+    "data": 1,
+    "export": 6,
+    "eval": 6,
+    "workflows": 7,
+    "cli": 8,
+}
 
 
 def _imports(path: Path):
@@ -32,8 +44,10 @@ def test_no_upward_import(path):
 
 
 def test_import_is_lean():
-    code = ("import sys, lowbit, torch; "
-            "assert not torch.cuda.is_initialized(); "
-            "heavy = [m for m in ('transformers', 'gensim', 'accelerate', 'onnx') if m in sys.modules]; "
-            "assert not heavy, heavy")  # fmt: skip
+    code = (
+        "import sys, lowbit, torch; "
+        "assert not torch.cuda.is_initialized(); "
+        "heavy = [m for m in ('transformers', 'gensim', 'accelerate', 'onnx') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -34,10 +34,26 @@ __version__ = "0.1.0"
 _LAZY = ("models", "data", "eval", "workflows")
 
 __all__ = [
-    "CheckpointError", "FormatVersionError", "LowbitError", "NonFiniteError", "PerChannel", "PerGroup",
-    "PerTensor", "PerToken", "QEmbedding", "QLinear", "QuantSpec", "QuantSummary", "WeightOnly", "__version__",
-    "load", "parse_scheme", "quantize_", "save", *_LAZY,
-]  # fmt: skip
+    "CheckpointError",
+    "FormatVersionError",
+    "LowbitError",
+    "NonFiniteError",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "PerToken",
+    "QEmbedding",
+    "QLinear",
+    "QuantSpec",
+    "QuantSummary",
+    "WeightOnly",
+    "__version__",
+    "load",
+    "parse_scheme",
+    "quantize_",
+    "save",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str):

@@ -28,13 +28,23 @@ def load_any(ref: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, 
     if (path / QUANT_CONFIG).is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+        tokenizer = (
+            AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+        )
         return load(path), tokenizer
     return models.load(str(ref), progress=progress)
 
 
-def quantize_and_save(ref: str, scheme: str, out: str | os.PathLike, *, include=(), exclude=(),
-                      overwrite: bool = False, progress: bool = True) -> dict:  # fmt: skip
+def quantize_and_save(
+    ref: str,
+    scheme: str,
+    out: str | os.PathLike,
+    *,
+    include=(),
+    exclude=(),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Quantize model ``ref`` with ``scheme`` (e.g. ``w4g128``) and save it to ``out``; returns stats."""
     config = parse_scheme(scheme)
     out = Path(out)
@@ -47,13 +57,26 @@ def quantize_and_save(ref: str, scheme: str, out: str | os.PathLike, *, include=
     save(model, out, tokenizer=tok, overwrite=overwrite)
     from lowbit.eval.size import dir_bytes
 
-    return {"model": str(ref), "scheme": scheme, "out": str(out), "quantized_modules": len(summary.quantized),
-            "tied": summary.tied, "kept_float": summary.skipped, "quantize_seconds": round(seconds, 2),
-            "bytes_on_disk": dir_bytes(out / "model.safetensors")}  # fmt: skip
+    return {
+        "model": str(ref),
+        "scheme": scheme,
+        "out": str(out),
+        "quantized_modules": len(summary.quantized),
+        "tied": summary.tied,
+        "kept_float": summary.skipped,
+        "quantize_seconds": round(seconds, 2),
+        "bytes_on_disk": dir_bytes(out / "model.safetensors"),
+    }
 
 
-def evaluate(ref: str | os.PathLike, task: str = "wiki-ppl", *, n_tokens: int = 8192, window: int = 512,
-             progress: bool = True) -> dict:  # fmt: skip
+def evaluate(
+    ref: str | os.PathLike,
+    task: str = "wiki-ppl",
+    *,
+    n_tokens: int = 8192,
+    window: int = 512,
+    progress: bool = True,
+) -> dict:
     """Run ``task`` on model ``ref``; returns a JSON-ready dict."""
     if task not in TASKS:
         raise LowbitError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
@@ -63,8 +86,14 @@ def evaluate(ref: str | os.PathLike, task: str = "wiki-ppl", *, n_tokens: int = 
     model, tok = load_any(ref, progress)
     t0 = time.perf_counter()
     ppl = perplexity(model, eval_tokens(tok, n_tokens), window=window, progress=progress)
-    return {"model": str(ref), "task": task, "perplexity": ppl, "tokens": n_tokens, "window": window,
-            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    return {
+        "model": str(ref),
+        "task": task,
+        "perplexity": ppl,
+        "tokens": n_tokens,
+        "window": window,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 @dataclass
@@ -77,8 +106,15 @@ class SchemeRow:
     seconds: float
 
 
-def compare_schemes(ref: str, schemes: list[str], out_root: str | os.PathLike, *, n_tokens: int = 8192,
-                    window: int = 512, progress: bool = True) -> list[SchemeRow]:  # fmt: skip
+def compare_schemes(
+    ref: str,
+    schemes: list[str],
+    out_root: str | os.PathLike,
+    *,
+    n_tokens: int = 8192,
+    window: int = 512,
+    progress: bool = True,
+) -> list[SchemeRow]:
     """fp32 baseline and each scheme: size on disk, compression, perplexity, change, time.
 
     Each quantized model is saved under ``out_root/<scheme>`` and evaluated after being loaded back,
@@ -101,16 +137,22 @@ def compare_schemes(ref: str, schemes: list[str], out_root: str | os.PathLike, *
         q_model, _ = load_any(out)
         ppl = perplexity(q_model, tokens, window=window, progress=progress)
         size = dir_bytes(out / "model.safetensors")
-        rows.append(SchemeRow(scheme, size / 1e6, fp32_bytes / size, ppl, 100 * (ppl / base - 1),
-                              time.perf_counter() - t0))  # fmt: skip
+        rows.append(
+            SchemeRow(
+                scheme, size / 1e6, fp32_bytes / size, ppl, 100 * (ppl / base - 1), time.perf_counter() - t0
+            )
+        )
     return rows
 
 
 def format_rows(rows: list[SchemeRow]) -> str:
     """Markdown table of ``compare_schemes`` rows."""
     head = "| scheme | size (MB) | vs fp32 | perplexity | change | time (s) |\n|---|---:|---:|---:|---:|---:|"
-    body = [f"| {r.scheme} | {r.size_mb:.1f} | {r.compression:.2f}x | {r.ppl:.2f} | {r.ppl_change_pct:+.1f}% "
-            f"| {r.seconds:.0f} |" for r in rows]  # fmt: skip
+    body = [
+        f"| {r.scheme} | {r.size_mb:.1f} | {r.compression:.2f}x | {r.ppl:.2f} | {r.ppl_change_pct:+.1f}% "
+        f"| {r.seconds:.0f} |"
+        for r in rows
+    ]
     return "\n".join([head, *body])
 
 

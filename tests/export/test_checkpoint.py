@@ -14,8 +14,15 @@ from lowbit.export import checkpoint
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 
@@ -43,9 +50,11 @@ def test_hf_round_trip_is_bit_identical(quantized, tmp_path):
     assert loaded.lm_head.qweight is loaded.model.embed_tokens.qweight  # tie survives, stored once
     meta = json.loads((tmp_path / "q" / "quant_config.json").read_text())
     assert meta["format_version"] == checkpoint.FORMAT_VERSION
-    assert meta["aliases"] == {"lm_head.qweight": "model.embed_tokens.qweight",
-                               "lm_head.scale": "model.embed_tokens.scale",
-                               "lm_head.zero_point": "model.embed_tokens.zero_point"}  # fmt: skip
+    assert meta["aliases"] == {
+        "lm_head.qweight": "model.embed_tokens.qweight",
+        "lm_head.scale": "model.embed_tokens.scale",
+        "lm_head.zero_point": "model.embed_tokens.zero_point",
+    }
     assert meta["config"]["type"] == "WeightOnly"
 
 

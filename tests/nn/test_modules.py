@@ -54,8 +54,11 @@ def test_set_weight_rejects_wrong_shape():
         q.set_weight(rtn(torch.randn(41, 200), SPECS["int8-channel"]))
 
 
-@pytest.mark.parametrize("spec", [SPECS["int8-channel"], SPECS["uint4-g128"], QuantSpec("int8")],
-                         ids=["per-row", "per-group", "per-tensor"])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    [SPECS["int8-channel"], SPECS["uint4-g128"], QuantSpec("int8")],
+    ids=["per-row", "per-group", "per-tensor"],
+)
 def test_qembedding_gathers_only_rows_it_needs(spec):
     torch.manual_seed(0)
     emb = nn.Embedding(300, 200)

@@ -111,9 +111,14 @@ def test_config_round_trip_and_validation():
 
 @pytest.mark.parametrize(
     "scheme,bits,group,sym",
-    [("w8", 8, None, True), ("w4g128", 4, 128, False), ("w4g64-sym", 4, 64, True), ("W3G64", 3, 64, False),
-     ("w8g32-asym", 8, 32, False)],
-)  # fmt: skip
+    [
+        ("w8", 8, None, True),
+        ("w4g128", 4, 128, False),
+        ("w4g64-sym", 4, 64, True),
+        ("W3G64", 3, 64, False),
+        ("w8g32-asym", 8, 32, False),
+    ],
+)
 def test_parse_scheme(scheme, bits, group, sym):
     c = parse_scheme(scheme)
     assert (c.bits, c.group_size, c.symmetric) == (bits, group, sym)

@@ -38,11 +38,18 @@ def _run(args: argparse.Namespace) -> dict:
     from lowbit import workflows
 
     if args.command == "quantize":
-        return workflows.quantize_and_save(args.model, args.scheme, args.out, include=args.include,
-                                           exclude=args.exclude, overwrite=args.overwrite,
-                                           progress=not args.quiet)  # fmt: skip
-    return workflows.evaluate(args.model, args.task, n_tokens=args.tokens, window=args.window,
-                              progress=not args.quiet)  # fmt: skip
+        return workflows.quantize_and_save(
+            args.model,
+            args.scheme,
+            args.out,
+            include=args.include,
+            exclude=args.exclude,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    return workflows.evaluate(
+        args.model, args.task, n_tokens=args.tokens, window=args.window, progress=not args.quiet
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

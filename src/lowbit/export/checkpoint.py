@@ -46,11 +46,17 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized or not) to ``out_dir`` atomically; returns the folder."""
-    modules = {fqn: m.config_entry() for fqn, m in model.named_modules()
-               if isinstance(m, QuantizedWeightModule)}  # fmt: skip
+    modules = {
+        fqn: m.config_entry() for fqn, m in model.named_modules() if isinstance(m, QuantizedWeightModule)
+    }
     tensors, aliases = _dedupe(model.state_dict())
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "config": getattr(model, "lowbit_config", None), "modules": modules, "aliases": aliases}  # fmt: skip
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": getattr(model, "lowbit_config", None),
+        "modules": modules,
+        "aliases": aliases,
+    }
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
         (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))
@@ -78,7 +84,8 @@ def read_quant_config(folder: str | os.PathLike) -> dict:
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FormatVersionError(
-            f"{path}: format version {version!r} is newer than this lowbit reads ({FORMAT_VERSION}); upgrade lowbit"
+            f"{path}: format version {version!r} is newer than this lowbit reads "
+            f"({FORMAT_VERSION}); upgrade lowbit"
         )
     return meta
 
@@ -119,7 +126,9 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
     for fqn, entry in meta["modules"].items():
         cls = QMODULES.get(entry.get("type"))
         if cls is None:
-            raise CheckpointError(f"{folder / QUANT_CONFIG}: module {fqn}: unknown type {entry.get('type')!r}")
+            raise CheckpointError(
+                f"{folder / QUANT_CONFIG}: module {fqn}: unknown type {entry.get('type')!r}"
+            )
         try:
             model.get_submodule(fqn)
         except AttributeError:

@@ -53,7 +53,9 @@ class QuantizedWeightModule(nn.Module):
         fmt = spec.fmt
         self.spec = spec
         self.dtype = dtype
-        self.register_buffer("qweight", torch.zeros(self.rows, stored_bytes(self.cols, fmt), dtype=torch.uint8))
+        self.register_buffer(
+            "qweight", torch.zeros(self.rows, stored_bytes(self.cols, fmt), dtype=torch.uint8)
+        )
         self.register_buffer("scale", torch.ones(qshape, dtype=spec.torch_scale_dtype))
         zp = torch.zeros(qshape, dtype=fmt.torch_dtype) if fmt.kind == "int" else None
         self.register_buffer("zero_point", zp)
@@ -91,8 +93,15 @@ class QuantizedWeightModule(nn.Module):
 class QLinear(QuantizedWeightModule):
     """``y = x @ W.T + b`` with ``W (out_features, in_features)`` stored quantized."""
 
-    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, backend: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.rows, self.cols = out_features, in_features
@@ -110,8 +119,11 @@ class QLinear(QuantizedWeightModule):
 
     def config_entry(self) -> dict:
         e = super().config_entry()
-        return e | {"in_features": self.in_features, "out_features": self.out_features,
-                    "bias": self.bias is not None}  # fmt: skip
+        return e | {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = select("weight_only_linear", self.spec, x.device, self.backend).fn
@@ -122,8 +134,14 @@ class QLinear(QuantizedWeightModule):
 class QEmbedding(QuantizedWeightModule):
     """Lookup table ``(num_embeddings, embedding_dim)`` stored quantized per row or per row-group."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec,
-                 padding_idx: int | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        spec: QuantSpec,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         g = spec.granularity
         per_row = (isinstance(g, PerChannel) and g.axis in (0, -2)) or (
@@ -146,8 +164,11 @@ class QEmbedding(QuantizedWeightModule):
 
     def config_entry(self) -> dict:
         e = super().config_entry()
-        return e | {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                    "padding_idx": self.padding_idx}  # fmt: skip
+        return e | {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+        }
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.spec.granularity, PerTensor):

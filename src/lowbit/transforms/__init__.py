@@ -6,6 +6,15 @@ from lowbit.transforms.quantize import HANDLERS, QuantSummary, Selector, quantiz
 from lowbit.transforms.schemes import parse_scheme
 
 __all__ = [
-    "CONFIGS", "HANDLERS", "QuantConfig", "QuantSummary", "Selector", "WeightOnly", "config_from_dict",
-    "parse_scheme", "quantize_", "register_config", "register_handler",
-]  # fmt: skip
+    "CONFIGS",
+    "HANDLERS",
+    "QuantConfig",
+    "QuantSummary",
+    "Selector",
+    "WeightOnly",
+    "config_from_dict",
+    "parse_scheme",
+    "quantize_",
+    "register_config",
+    "register_handler",
+]

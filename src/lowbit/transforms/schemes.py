@@ -23,7 +23,9 @@ def parse_scheme(scheme: str) -> WeightOnly:
     """``WeightOnly`` config for a scheme string (table in the module docstring)."""
     m = _SCHEME.fullmatch(scheme.strip().lower())
     if not m:
-        raise LowbitError(f"unknown scheme {scheme!r}; expected w<bits>[g<group>][-sym|-asym], e.g. w8, w4g128")
+        raise LowbitError(
+            f"unknown scheme {scheme!r}; expected w<bits>[g<group>][-sym|-asym], e.g. w8, w4g128"
+        )
     bits = int(m["bits"])
     group = int(m["group"]) if m["group"] else None
     symmetric = m["sym"] == "-sym" if m["sym"] else bits == 8

@@ -12,7 +12,9 @@ from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
 
 
 @register_handler(WeightOnly)
-def weight_only(model: nn.Module, config: WeightOnly, calib, select: Selector, progress: bool) -> QuantSummary:
+def weight_only(
+    model: nn.Module, config: WeightOnly, calib, select: Selector, progress: bool
+) -> QuantSummary:
     """Quantize every selected Linear and Embedding; tied weights are quantized once and shared."""
     summary = QuantSummary(config)
     targets = []

@@ -1,0 +1,61 @@
+"""The CLI: bad input is one line on stderr and exit code 2, with nothing written."""
+
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli.main import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["quantize", "--model", "no-such-model", "--scheme", "w4g128", "--out", "{tmp}/o"], "unknown model"),
+        (["quantize", "--model", "smollm2-135m", "--scheme", "w9", "--out", "{tmp}/o"], "unknown scheme"),
+        (["eval", "{tmp}/missing", "--task", "wiki-ppl"], "unknown model"),
+        (["eval", "smollm2-135m", "--task", "imagenet"], "unknown task"),
+    ],
+    ids=["unknown-model", "unknown-scheme", "missing-folder", "unknown-task"],
+)
+def test_bad_input_exit_2_one_line(capsys, tmp_path, argv, message):
+    code, out, err = _run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2
+    assert err.startswith("lowbit: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_refused(capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    code, _, err = _run(capsys, "quantize", "--model", "x", "--scheme", "w8", "--out", str(tmp_path / "o"))
+    assert code == 2 and "already exists" in err
+
+
+def test_corrupted_checkpoint(capsys, tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lowbit.quantize_(m, lowbit.WeightOnly(bits=8, group_size=None))
+    lowbit.save(m, tmp_path / "q")
+    (tmp_path / "q" / "quant_config.json").write_text(json.dumps({"format": "lowbit", "format_version": 7}))
+    code, _, err = _run(capsys, "eval", str(tmp_path / "q"))
+    assert code == 2 and "format version 7 is newer" in err
+
+
+@pytest.mark.slow
+def test_quantize_then_eval_smollm2(capsys, tmp_path, smollm2):
+    out = str(tmp_path / "w4")
+    code, text, _ = _run(
+        capsys, "quantize", "--model", "smollm2-135m", "--scheme", "w4g128", "--out", out, "--quiet", "--json"
+    )
+    assert (
+        code == 0 and json.loads(text)["quantized_modules"] == 212
+    )  # 30 blocks x 7 Linear + embedding + tied LM head
+    code, text, _ = _run(capsys, "eval", out, "--task", "wiki-ppl", "--tokens", "1024", "--quiet", "--json")
+    result = json.loads(text)
+    assert code == 0 and 5 < result["perplexity"] < 100
