@@ -19,7 +19,7 @@ def _run(capsys, *argv):
     "argv,message",
     [
         (["quantize", "--model", "no-such-model", "--scheme", "w4g128", "--out", "{tmp}/o"], "unknown model"),
-        (["quantize", "--model", "smollm2-135m", "--scheme", "w9", "--out", "{tmp}/o"], "unknown scheme"),
+        (["quantize", "--model", "smollm2-135m", "--scheme", "w4x", "--out", "{tmp}/o"], "unknown scheme"),
         (["eval", "{tmp}/missing", "--task", "wiki-ppl"], "unknown model"),
         (["eval", "smollm2-135m", "--task", "imagenet"], "unknown task"),
     ],

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.core.errors import CheckpointError, FormatVersionError, LowbitError
-from lowbit.export.atomic import atomic_dir
+from lowbit.core.fsio import atomic_dir
 from lowbit.nn.modules import QMODULES, QuantizedWeightModule
 
 FORMAT_NAME = "lowbit"

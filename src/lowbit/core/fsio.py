@@ -1,4 +1,4 @@
-"""Atomic output folders: everything is written to a hidden temp folder beside the target, then renamed.
+"""File-system helpers. ``atomic_dir``: write into a hidden temp folder beside the target, then rename.
 
 An interrupted write leaves the target as it was (absent, or the previous output) and removes its temp
 folder; an existing target is replaced only when the caller asks for it.
@@ -16,7 +16,7 @@ from pathlib import Path
 from lowbit.core.errors import LowbitError
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
@@ -31,11 +31,14 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise LowbitError(f"{target} exists and is not a folder")
     if target.exists() and not overwrite:
         raise LowbitError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise LowbitError(f"cannot write in {target.parent}: {e.strerror}") from e
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "x")

@@ -1,0 +1,222 @@
+"""The one primitive set: ``choose_qparams``, ``quantize``, ``dequantize``, ``fake_quantize``.
+
+Integer formats follow ONNX QuantizeLinear/DequantizeLinear exactly::
+
+    q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)      # quantize
+    x' = (q - zero_point) * scale                                       # dequantize
+
+computed in float32 with ``scale`` first rounded to ``spec.scale_dtype``; the one difference from ONNX:
+``dequantize`` saturates at the output dtype's largest finite value where ONNX would overflow to inf (an
+asymmetric grid reaches half a step past its range, e.g. int2 on +-3e38). Float formats store
+``cast(x / scale)``; codebook formats store the index of the nearest level of ``x / scale``.
+
+Shapes: ``x`` is any shape; ``scale``/``zero_point`` have ``qparam_shape(x.shape, block)`` (same ndim
+as ``x``, see ``lowbit.core.spec``); codes have ``x.shape`` and ``spec.fmt.torch_dtype``.
+Blocks that are constant (all elements equal ``c``) get ``scale = |c|`` (1 when ``c == 0``; the smallest
+normal for ``binary``, which has no zero level), so they round-trip exactly. NaN or Inf in the input
+raises ``NonFiniteError`` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.core.errors import LowbitError, NonFiniteError
+from lowbit.core.formats import Format
+from lowbit.core.spec import QuantSpec, qparam_shape
+
+Tensor = torch.Tensor
+
+
+def to_blocks(x: Tensor, block: tuple[int, ...]) -> Tensor:
+    """View ``x`` as ``(*qparam_shape, prod(block))``; padding (see spec docstring) is NaN."""
+    shape = tuple(x.shape)
+    nblk = qparam_shape(shape, block)
+    pads: list[int] = []
+    for s, b, n in zip(reversed(shape), reversed(block), reversed(nblk), strict=True):
+        pads += [0, n * b - s]
+    if any(pads):
+        x = F.pad(x, pads, value=float("nan"))
+    inter = [d for n, b in zip(nblk, block, strict=True) for d in (n, b)]
+    nd = len(shape)
+    perm = [2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)]
+    return x.reshape(inter).permute(perm).reshape(*nblk, -1)
+
+
+def from_blocks(xb: Tensor, shape: tuple[int, ...], block: tuple[int, ...]) -> Tensor:
+    """Inverse of ``to_blocks``: ``(*qparam_shape, prod(block))`` back to ``shape``, padding dropped."""
+    nblk = qparam_shape(shape, block)
+    nd = len(shape)
+    x = xb.reshape(*nblk, *block)
+    perm = [p for i in range(nd) for p in (i, nd + i)]
+    x = x.permute(perm).reshape([n * b for n, b in zip(nblk, block, strict=True)])
+    if tuple(x.shape) != tuple(shape):
+        x = x[tuple(slice(0, s) for s in shape)]
+    return x
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    """Raise ``NonFiniteError`` naming ``name`` if ``x`` holds NaN or Inf."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise NonFiniteError(f"{name}: {bad} of {x.numel()} values are NaN or Inf")
+
+
+def check_qparams(scale: Tensor, zero_point: Tensor | None, shape: tuple[int, ...], spec: QuantSpec) -> None:
+    """Raise ``LowbitError`` unless scale (and zero point) have ``qparam_shape`` (no silent broadcasting)."""
+    want = qparam_shape(tuple(shape), spec.block_size(tuple(shape)))
+    for label, p in (("scale", scale), ("zero_point", zero_point)):
+        if p is not None and tuple(p.shape) != want:
+            raise LowbitError(
+                f"{label} shape {tuple(p.shape)} != {want} for a {tuple(shape)} tensor "
+                f"under {spec.granularity}"
+            )
+
+
+def _range(xb: Tensor) -> tuple[Tensor, Tensor]:
+    nan = torch.isnan(xb)
+    lo = torch.where(nan, math.inf, xb).amin(-1)
+    hi = torch.where(nan, -math.inf, xb).amax(-1)
+    return lo, hi
+
+
+def _int_qparams(lo: Tensor, hi: Tensor, fmt: Format, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """float32 scale and float32 zero point for an integer format, before the dtype casts."""
+    if spec.symmetric:
+        zp = 0 if fmt.qmin < 0 else (fmt.qmax + 1) // 2
+        half = fmt.qmax - zp
+        if half < 1:
+            raise LowbitError(f"format {fmt.name} has no room for symmetric quantization")
+        amax = torch.maximum(lo.abs(), hi.abs()) * spec.clip_ratio
+        return amax / half, torch.full_like(lo, float(zp))
+    lo = torch.clamp(lo * spec.clip_ratio, max=0.0)
+    hi = torch.clamp(hi * spec.clip_ratio, min=0.0)
+    span = float(fmt.qmax - fmt.qmin)
+    scale = hi / span - lo / span  # no overflow where hi - lo would exceed float32
+    return scale, torch.full_like(lo, float("nan"))  # zero point fitted after the scale cast
+
+
+def choose_qparams(x: Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[Tensor, Tensor | None]:
+    """Scale (``spec.scale_dtype``) and zero point (code dtype, int formats only) per block of ``x``."""
+    check_finite(x, name)
+    fmt = spec.fmt
+    block = spec.block_size(tuple(x.shape))
+    xb = to_blocks(x.float(), block)
+    lo, hi = _range(xb)
+    const = lo == hi
+    if fmt.kind == "int":
+        scale, zp = _int_qparams(lo, hi, fmt, spec)
+    elif fmt.kind == "float":
+        amax = torch.maximum(lo.abs(), hi.abs()) * spec.clip_ratio
+        scale = torch.ones_like(lo) if fmt.bits == 16 else amax / fmt.float_max
+    elif fmt.name == "binary":
+        scale = torch.where(torch.isnan(xb), 0.0, xb.abs()).sum(-1) / (~torch.isnan(xb)).sum(-1)
+    else:
+        scale = torch.maximum(lo.abs(), hi.abs()) * spec.clip_ratio
+    if fmt.kind != "float" or fmt.bits != 16:
+        scale = torch.where(const, lo.abs(), scale)
+    # an all-zero block gets scale 1 (exact zero), except binary (no zero level): tiny, so it reads +-tiny
+    scale = torch.where(scale == 0, 0.0 if fmt.name == "binary" else 1.0, scale)
+    sdt = spec.torch_scale_dtype
+    info = torch.finfo(sdt)
+    scale = scale.clamp(info.tiny, info.max).to(sdt)
+    if fmt.kind != "int":
+        return scale, None
+    zp = _fit_zero_point(zp, lo * spec.clip_ratio, const, scale.float(), fmt)
+    return scale, zp.to(fmt.torch_dtype)
+
+
+def _fit_zero_point(zp: Tensor, lo: Tensor, const: Tensor, scale: Tensor, fmt: Format) -> Tensor:
+    """Asymmetric zero point from the stored scale; constant blocks get a zp one code from their value."""
+    fitted = torch.isnan(zp)
+    zp = torch.where(fitted, fmt.qmin - torch.round(torch.clamp(lo, max=0.0) / scale), zp)
+    if fmt.qmin < 0:
+        const_zp = torch.where(fitted, 0.0, zp)
+    else:
+        const_zp = torch.where(fitted, (lo < 0).float(), zp)
+    zp = torch.where(const, const_zp, zp)
+    return zp.clamp(fmt.qmin, fmt.qmax)
+
+
+def quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, name: str = "tensor"
+) -> Tensor:
+    """Codes of ``x`` (shape ``x.shape``, dtype ``spec.fmt.torch_dtype``) for the given qparams."""
+    check_finite(x, name)
+    check_qparams(scale, zero_point, tuple(x.shape), spec)
+    fmt = spec.fmt
+    block = spec.block_size(tuple(x.shape))
+    xb = torch.nan_to_num(to_blocks(x.float(), block), nan=0.0)
+    v = xb / scale.float()[..., None]
+    if fmt.kind == "int":
+        zp = zero_point.float()[..., None] if zero_point is not None else 0.0
+        q = torch.clamp(torch.round(v) + zp, fmt.qmin, fmt.qmax)
+    elif fmt.kind == "float":
+        q = v.clamp(-fmt.float_max, fmt.float_max)
+    else:
+        levels = torch.tensor(fmt.levels, dtype=torch.float32, device=x.device)
+        q = torch.bucketize(v.contiguous(), (levels[1:] + levels[:-1]) / 2)
+    return from_blocks(q, tuple(x.shape), block).to(fmt.torch_dtype)
+
+
+def dequantize(
+    codes: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Real values of ``codes`` (shape ``codes.shape``) in ``dtype``; arithmetic in float32."""
+    check_qparams(scale, zero_point, tuple(codes.shape), spec)
+    fmt = spec.fmt
+    block = spec.block_size(tuple(codes.shape))
+    if fmt.kind == "codebook":
+        levels = torch.tensor(fmt.levels, dtype=torch.float32, device=codes.device)
+        v = levels[codes.long()]
+    else:
+        v = codes.float()
+    vb = to_blocks(v, block)
+    if fmt.kind == "int" and zero_point is not None:
+        vb = vb - zero_point.float()[..., None]
+    out = from_blocks(vb * scale.float()[..., None], tuple(codes.shape), block)
+    big = torch.finfo(dtype).max  # saturate where the grid's last half step passes the dtype's range
+    return out.clamp(-big, big).to(dtype)
+
+
+def fake_quantize(
+    x: Tensor,
+    spec: QuantSpec,
+    scale: Tensor | None = None,
+    zero_point: Tensor | None = None,
+    name: str = "tensor",
+) -> Tensor:
+    """``dequantize(quantize(x))`` in ``x.dtype`` with a straight-through gradient.
+
+    The gradient is 1 where ``x`` lies inside the representable range and 0 where it was clamped.
+    Qparams are chosen from ``x`` (detached) when not given.
+    """
+    if scale is None:
+        scale, zero_point = choose_qparams(x.detach(), spec, name)
+    q = quantize(x.detach(), scale, zero_point, spec, name)
+    dq = dequantize(q, scale, zero_point, spec, dtype=x.dtype)
+    inside = _inside(x.detach(), scale, zero_point, spec)
+    return dq + (x - x.detach()) * inside
+
+
+def _inside(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec) -> Tensor:
+    """Mask (``x.dtype``) of elements that quantize without clamping."""
+    fmt = spec.fmt
+    block = spec.block_size(tuple(x.shape))
+    v = to_blocks(x.float(), block) / scale.float()[..., None]
+    if fmt.kind == "int":
+        zp = zero_point.float()[..., None] if zero_point is not None else 0.0
+        r = torch.round(v) + zp
+        m = (r >= fmt.qmin) & (r <= fmt.qmax)
+    elif fmt.kind == "float":
+        m = v.abs() <= fmt.float_max
+    else:
+        m = (v >= fmt.levels[0]) & (v <= fmt.levels[-1])
+    return from_blocks(m.to(x.dtype), tuple(x.shape), block)

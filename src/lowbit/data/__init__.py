@@ -1,0 +1,8 @@
+"""Text data: gensim's Wikipedia test dump split into a held-out evaluation part and a disjoint
+calibration part (``lowbit.data.wiki`` documents the rule). Nothing is read until a function is called.
+"""
+
+from lowbit.data.tokens import calib_batches, eval_tokens
+from lowbit.data.wiki import EVAL_EVERY, calib_articles, eval_articles, wiki_articles
+
+__all__ = ["EVAL_EVERY", "calib_articles", "calib_batches", "eval_articles", "eval_tokens", "wiki_articles"]

@@ -1,0 +1,141 @@
+"""``load``: a bundled name, a local Hugging Face folder or a ``.gguf`` file -> (fp32 model, tokenizer).
+
+GGUF files are dequantized once with transformers (~20 s for SmolLM2-135M on 2 cores) into an fp32
+safetensors cache (see ``lowbit.models.cache``); later loads read the cache (about a second). A cache
+entry that is corrupted (missing file, wrong size, truncated safetensors) is rebuilt with a warning.
+Nothing is ever fetched from the Hugging Face hub. ``progress=False`` hides transformers' progress
+bars, except the GGUF dequantization bar (transformers draws it with a plain tqdm; first load only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.core.errors import CheckpointError, LowbitError
+from lowbit.models.cache import build_entry, cache_problem, cache_root, gguf_key, source_stamp
+from lowbit.models.checks import check_gguf, check_hf_folder
+from lowbit.models.registry import BUNDLED, bundled_gguf
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+LOWBIT_CHECKPOINT_MARK = "quant_config.json"
+
+
+@contextlib.contextmanager
+def _hf_progress(enabled: bool) -> Iterator[None]:
+    """Hide transformers' progress bars while loading when ``enabled`` is False (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_tokenizer(folder: Path) -> Any | None:
+    """The folder's tokenizer, or None if it has no tokenizer files."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_hf_folder(folder: Path, progress: bool = True) -> tuple[nn.Module, Any | None]:
+    """(model in eval mode, float32, CPU; tokenizer or None) from a local Hugging Face folder."""
+    check_hf_folder(folder)
+    from transformers import AutoModelForCausalLM
+
+    with _hf_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+    return model, _load_tokenizer(folder)
+
+
+def _forget_gguf_quantizer(model: nn.Module) -> None:
+    """transformers marks GGUF-loaded models as quantized (not serializable) although the weights are
+    plain dequantized tensors; drop the marks so ``save_pretrained`` writes an ordinary fp32 folder."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+
+
+def _dequantize_into(gguf: Path, out: Path, progress: bool) -> None:
+    """Dequantize ``gguf`` with transformers and save model + tokenizer (fp32) into folder ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    with _hf_progress(progress):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+        except (ValueError, KeyError, OSError) as e:
+            raise CheckpointError(f"{gguf}: cannot load this GGUF file with transformers: {e}") from e
+        _forget_gguf_quantizer(model)
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+
+
+def load_gguf(gguf: Path, entry: Path, progress: bool = True) -> tuple[nn.Module, Any | None]:
+    """Load ``gguf`` through its fp32 cache folder ``entry``, (re)building the entry when needed."""
+    check_gguf(gguf)
+    source = source_stamp(gguf)
+    problem = cache_problem(entry, source) if entry.exists() else "absent"
+    if problem is not None:
+        if problem != "absent":
+            warnings.warn(f"rebuilding model cache {entry}: {problem}", stacklevel=3)
+        if progress:
+            print(
+                f"lowbit: dequantizing {gguf.name} to an fp32 cache in {entry} (first load)", file=sys.stderr
+            )
+        build_entry(entry, source, lambda tmp: _dequantize_into(gguf, tmp, progress))
+        problem = cache_problem(entry, source)
+        if problem is not None:
+            raise CheckpointError(f"model cache {entry} is unusable right after building it: {problem}")
+    return load_hf_folder(entry, progress)
+
+
+def _unknown(name: str) -> LowbitError:
+    return LowbitError(
+        f"unknown model {name!r}; bundled: {', '.join(BUNDLED)}; "
+        "or pass a Hugging Face folder or a .gguf file"
+    )
+
+
+def load(
+    name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> tuple[nn.Module, Any | None]:
+    """(model, tokenizer) for a bundled name (``smollm2-135m``), a Hugging Face folder or a ``.gguf`` file.
+
+    The model is a transformers causal LM in eval mode, float32, on CPU. The tokenizer is None only
+    for a Hugging Face folder without tokenizer files. GGUF models are cached as fp32 safetensors in
+    ``cache_root(cache_dir)/<name>/``. Raises ``LowbitError`` for an unknown name and
+    ``CheckpointError`` (naming the file) for missing or corrupted model files.
+    """
+    name = os.fspath(name_or_path)
+    root = cache_root(cache_dir)
+    if name in BUNDLED:
+        return load_gguf(bundled_gguf(name), root / name, progress)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / LOWBIT_CHECKPOINT_MARK).is_file():
+            raise LowbitError(f"{path} is a lowbit checkpoint; load it with lowbit.load({str(path)!r})")
+        return load_hf_folder(path, progress)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LowbitError(f"{path}: not a .gguf file or a Hugging Face folder")
+        return load_gguf(path, root / gguf_key(path), progress)
+    raise _unknown(name)
