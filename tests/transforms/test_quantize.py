@@ -124,7 +124,13 @@ def test_parse_scheme(scheme, bits, group, sym):
     assert (c.bits, c.group_size, c.symmetric) == (bits, group, sym)
 
 
-@pytest.mark.parametrize("scheme", ["w9", "int4", "w4g", "w1g32", ""])
+def test_parse_scheme_embedding_override():
+    c = parse_scheme("w4g128e8")
+    assert (c.bits, c.group_size, c.embedding_bits, c.embedding_group_size) == (4, 128, 8, 0)
+    assert isinstance(c.embedding_spec().granularity, PerChannel)
+
+
+@pytest.mark.parametrize("scheme", ["w9", "int4", "w4g", "w1g32", "", "w4e", "w4g128e9"])
 def test_parse_scheme_rejects(scheme):
     with pytest.raises(LowbitError):
         parse_scheme(scheme)
