@@ -60,7 +60,10 @@ def test_gguf_cache_built_once_and_reused(fake_dequantize, gguf, tmp_path):
     model2, _ = load(str(gguf), progress=False)
     assert len(fake_dequantize) == 1
     torch.testing.assert_close(model2.state_dict(), model.state_dict(), rtol=0, atol=0)
-    os.utime(gguf, ns=(1, 1))  # new mtime: a new cache key, so a new entry
+    os.utime(gguf, ns=(1, 1))  # same content, new mtime: same entry, no rebuild
+    load(gguf, progress=False)
+    assert len(fake_dequantize) == 1
+    gguf.write_bytes(b"GGUF" + bytes([1]) + bytes(59))  # new content: a new cache key, so a new entry
     load(gguf, progress=False)
     assert len(fake_dequantize) == 2 and len(list(root.iterdir())) == 2
 

@@ -2,7 +2,7 @@
 
 A cache entry is built in a hidden temp folder beside it and renamed into place, so a killed build
 never leaves a half entry (only a ``.<key>.tmp-*`` folder, removed by a later build once it is an hour
-old). ``lowbit_cache.json`` records the source GGUF (path, size, mtime) and every file's size; an
+old). ``lowbit_cache.json`` records the source GGUF (name, size, content hash) and every file's size; an
 entry whose record does not match, or whose safetensors header/size is inconsistent, is rebuilt.
 """
 
@@ -33,16 +33,26 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit"
 
 
+HASH_SPAN = 1 << 20  # bytes hashed at each end of a GGUF file
+
+
 def source_stamp(gguf: Path) -> dict:
-    """What identifies a GGUF file's content cheaply: resolved path, size (bytes), mtime (ns)."""
-    st = gguf.stat()
-    return {"path": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What identifies a GGUF file's content cheaply: name, size (bytes), sha256 of its first and last MiB.
+
+    Content, not path or mtime: the same wheel installed in two virtualenvs shares one cache entry.
+    """
+    size = gguf.stat().st_size
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        h.update(f.read(HASH_SPAN))
+        f.seek(max(size - HASH_SPAN, 0))
+        h.update(f.read(HASH_SPAN))
+    return {"name": gguf.name, "size": size, "sha256_head_tail": h.hexdigest()}
 
 
 def gguf_key(gguf: Path) -> str:
-    """Cache folder name of a user's GGUF file: ``<stem>-<12 hex of name|size|mtime>``."""
-    st = gguf.stat()
-    digest = hashlib.sha1(f"{gguf.name}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    """Cache folder name of a user's GGUF file: ``<stem>-<12 hex of its source stamp>``."""
+    digest = hashlib.sha1(json.dumps(source_stamp(gguf), sort_keys=True).encode()).hexdigest()[:12]
     return f"{gguf.stem}-{digest}"
 
 
