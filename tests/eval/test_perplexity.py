@@ -8,15 +8,7 @@ import torch
 
 from lowbit import LowbitError
 from lowbit.eval.perplexity import perplexity
-
-
-def _tiny_llama(vocab=100):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5)  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+from support import tiny_llama
 
 
 def _reference(model, tokens, window):
@@ -35,7 +27,7 @@ def _reference(model, tokens, window):
 
 @pytest.fixture(scope="module")
 def model():
-    return _tiny_llama()
+    return tiny_llama(vocab=100, attention_dropout=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -9,27 +9,12 @@ from torch import nn
 import lowbit
 from lowbit import CheckpointError, FormatVersionError, LowbitError, WeightOnly, quantize_
 from lowbit.export import checkpoint
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=96,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+from support import tiny_llama
 
 
 @pytest.fixture
 def quantized(tmp_path):
-    m = _tiny_llama()
+    m = tiny_llama(vocab=256, hidden=96, intermediate=160)
     quantize_(m, WeightOnly(bits=4, group_size=64))
     return m
 

@@ -13,15 +13,7 @@ import torch
 
 from lowbit.models import cache, load, loader
 from lowbit.models.cache import MANIFEST, gguf_key
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+from support import tiny_llama
 
 
 @pytest.fixture
@@ -31,7 +23,7 @@ def fake_dequantize(monkeypatch, tmp_path):
 
     def fake(gguf, out, progress):
         calls.append(gguf)
-        _tiny_llama().save_pretrained(out)
+        tiny_llama().save_pretrained(out)
 
     monkeypatch.setattr(loader, "_dequantize_into", fake)
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
@@ -118,7 +110,7 @@ def test_unusable_cache_is_rebuilt(fake_dequantize, tmp_path, damage):
     assert len(fake_dequantize) == 2
     assert cache.cache_problem(entry, json.loads((entry / MANIFEST).read_text())["source"]) is None
     assert _leftovers(root) == []
-    torch.testing.assert_close(model.state_dict(), _tiny_llama().state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(model.state_dict(), tiny_llama().state_dict(), rtol=0, atol=0)
 
 
 def test_cache_problem_names_truncated_file(fake_dequantize, gguf, tmp_path):

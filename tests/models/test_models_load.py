@@ -10,22 +10,7 @@ import torch
 
 from lowbit import CheckpointError, LowbitError
 from lowbit.models import BUNDLED, cache_root, check_safetensors, load, registry
-
-
-def _tiny_llama(dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+from support import tiny_llama
 
 
 def _tiny_tokenizer():
@@ -41,7 +26,7 @@ def _tiny_tokenizer():
 @pytest.fixture
 def hf_folder(tmp_path):
     folder = tmp_path / "tiny"
-    _tiny_llama().save_pretrained(folder)
+    tiny_llama().save_pretrained(folder)
     return folder
 
 
@@ -90,7 +75,7 @@ def test_cache_root(monkeypatch, tmp_path):
 
 
 def test_hf_folder_load(hf_folder):
-    ref = _tiny_llama()
+    ref = tiny_llama()
     model, tok = load(str(hf_folder))
     assert tok is None  # no tokenizer files in the folder
     assert not model.training and model.dtype == torch.float32
@@ -102,7 +87,7 @@ def test_hf_folder_load(hf_folder):
 
 def test_hf_folder_with_tokenizer_and_bf16(tmp_path):
     folder = tmp_path / "bf16"
-    _tiny_llama(torch.bfloat16).save_pretrained(folder)
+    tiny_llama(dtype=torch.bfloat16).save_pretrained(folder)
     _tiny_tokenizer().save_pretrained(folder)
     model, tok = load(folder)
     assert model.dtype == torch.float32
