@@ -1,8 +1,10 @@
 """Codes <-> stored bytes for any format: the one place that knows how a code tensor is laid out on disk.
 
 ``encode(codes, fmt)``: codes ``(..., n)`` (``fmt.torch_dtype``) -> uint8 ``(..., stored_bytes(n, fmt))``.
-``decode(data, fmt, n)``: the inverse, bit-exact. Int and codebook codes are bit-packed along the last
-dimension (``lowbit.core.packing``); float codes are their raw little-endian bytes.
+``decode(data, fmt, n)``: the inverse, bit-exact. Sub-byte int and codebook codes are bit-packed along the
+last dimension (``lowbit.core.packing``); 8-bit int codes are their own byte (two's complement for int8,
+so ``data.view(torch.int8)`` is the codes, zero-copy, as int8 matmul kernels want them); float codes are
+their raw little-endian bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def stored_bytes(n: int, fmt: Format) -> int:
 
 def encode(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Stored bytes of ``codes``: uint8 ``(..., stored_bytes(n, fmt))``."""
-    if fmt.kind == "float":
+    if _raw_bytes(fmt):
         lead = codes.shape[:-1]
         return codes.contiguous().view(torch.uint8).reshape(*lead, -1)
     return pack(to_unsigned(codes, fmt), fmt.bits)
@@ -30,6 +32,11 @@ def encode(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 def decode(data: torch.Tensor, fmt: Format, n: int) -> torch.Tensor:
     """Codes ``(..., n)`` in ``fmt.torch_dtype`` from stored bytes ``(..., stored_bytes(n, fmt))``."""
-    if fmt.kind == "float":
+    if _raw_bytes(fmt):
         return data.contiguous().view(fmt.torch_dtype)
     return from_unsigned(unpack(data, fmt.bits, n), fmt)
+
+
+def _raw_bytes(fmt: Format) -> bool:
+    """Codes stored as their own bytes: float formats and 8-bit integers."""
+    return fmt.kind == "float" or (fmt.kind == "int" and fmt.bits == 8)
