@@ -62,6 +62,14 @@ def test_embeddings_can_stay_float():
     assert "emb" in s.skipped and isinstance(m.emb, nn.Embedding)
 
 
+def test_tied_head_follows_its_embedding_spec():
+    m = Tiny()
+    s = quantize_(m, WeightOnly(bits=4, group_size=32, embedding_bits=8, embedding_group_size=0))
+    assert s.tied == {"head": "emb"} and m.head.qweight is m.emb.qweight
+    assert m.head.spec == m.emb.spec and m.head.spec.format == "uint8"
+    assert m.block[0].spec.format == "uint4"
+
+
 def test_embedding_spec_override():
     c = WeightOnly(bits=4, group_size=128, embedding_bits=8, embedding_group_size=0)
     assert c.embedding_spec().format == "uint8" and isinstance(c.embedding_spec().granularity, PerChannel)

@@ -28,14 +28,15 @@ def weight_only(
         targets.append((fqn, m, spec))
     done: dict[int, tuple[str, QuantizedWeightModule]] = {}  # id(float weight) -> first quantized owner
     for fqn, m, spec in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
-        q = FLOAT_TO_Q[type(m)].from_float(m, spec)
         owner = done.get(id(m.weight))
-        if owner is not None and owner[1].spec == spec:
+        if owner is not None:  # tied weight: quantized once, by its first owner's spec
+            q = FLOAT_TO_Q[type(m)].from_float(m, owner[1].spec)
             q.share_weight(owner[1])
             summary.tied[fqn] = owner[0]
         else:
+            q = FLOAT_TO_Q[type(m)].from_float(m, spec)
             q.set_weight(rtn(m.weight.detach(), spec, name=f"{fqn}.weight"))
-            done.setdefault(id(m.weight), (fqn, q))
+            done[id(m.weight)] = (fqn, q)
         if getattr(m, "bias", None) is not None:
             q.bias = m.bias.detach().clone()
         model.set_submodule(fqn, q)
