@@ -1,6 +1,7 @@
 """Kernel backends behind quantized-module forwards; a pure-torch reference backend always exists."""
 
+from lowbit.kernels import cpu as _cpu  # noqa: F401  (registers the CPU backends)
 from lowbit.kernels import reference as _reference  # noqa: F401  (registers the reference backends)
-from lowbit.kernels.registry import Backend, backends, register_backend, select
+from lowbit.kernels.registry import Backend, backends, prepared, register_backend, select
 
-__all__ = ["Backend", "backends", "register_backend", "select"]
+__all__ = ["Backend", "backends", "prepared", "register_backend", "select"]

@@ -24,16 +24,18 @@ def dequantize_weight(
 
 
 @register_backend("weight_only_linear", "reference", priority=0)
-def weight_only_linear(x, qweight, scale, zero_point, bias, spec: QuantSpec, in_features: int):
-    """``x (..., in) @ W.T + bias`` with ``W (out, in)`` stored quantized."""
-    w = dequantize_weight(qweight, scale, zero_point, spec, in_features, x.dtype)
-    return F.linear(x, w, bias)
+def weight_only_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """``x (..., cols) @ W.T + bias`` with ``W (rows, cols)`` stored quantized in ``layer``."""
+    w = dequantize_weight(layer.qweight, layer.scale, layer.zero_point, layer.spec, layer.cols, x.dtype)
+    return F.linear(x, w, layer.bias)
 
 
 @register_backend("embedding", "reference", priority=0)
-def embedding(ids, qweight, scale, zero_point, spec: QuantSpec, dim: int):
-    """Rows ``ids (...)`` of a quantized ``(num, dim)`` table: only the gathered rows are decoded."""
+def embedding(ids: torch.Tensor, layer) -> torch.Tensor:
+    """Rows ``ids (...)`` of a quantized ``(rows, cols)`` table, float32: only gathered rows are decoded."""
     flat = ids.reshape(-1)
-    zp = zero_point[flat] if zero_point is not None else None
-    rows = dequantize_weight(qweight[flat], scale[flat], zp, spec, dim, torch.float32)
-    return rows.reshape(*ids.shape, dim)
+    zp = layer.zero_point[flat] if layer.zero_point is not None else None
+    rows = dequantize_weight(
+        layer.qweight[flat], layer.scale[flat], zp, layer.spec, layer.cols, torch.float32
+    )
+    return rows.reshape(*ids.shape, layer.cols)

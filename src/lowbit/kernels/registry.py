@@ -1,20 +1,25 @@
 """Backend registry: for each op, the kernels that can run it, keyed by what they support.
 
-A backend is a function plus a ``supports(spec, device) -> bool`` predicate and a priority. ``select``
-returns the highest-priority backend that supports the request; the reference backend of every op
-supports everything, so selection never fails. ``prefer`` forces one backend by name: if it cannot run
-the request, ``select`` raises (a user who forced a backend gets an error, not a silent fallback).
+A backend is a function ``fn(x, layer)`` plus a ``supports(layer, device) -> bool`` predicate and a
+priority. ``layer`` is a quantized module (duck-typed: ``qweight``, ``scale``, ``zero_point``, ``bias``,
+``spec``, ``rows``, ``cols``). ``select`` returns the highest-priority backend that supports the request;
+the reference backend of every op supports everything, so selection never fails. ``prefer`` forces one
+backend by name: if it cannot run the request, ``select`` raises (a user who forced a backend gets an
+error, not a silent fallback).
+
+Fast backends keep their own weight layout, built once from the stored buffers by ``prepared`` and
+rebuilt when those buffers change (new tensors, in-place edits, another device).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lowbit.core.errors import LowbitError
-from lowbit.core.spec import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,7 @@ class Backend:
     op: str
     name: str
     fn: Callable
-    supports: Callable[[QuantSpec, torch.device], bool]
+    supports: Callable[[Any, torch.device], bool]
     priority: int = 0
 
 
@@ -33,7 +38,7 @@ def register_backend(op: str, name: str, supports: Callable | None = None, prior
     """Decorator: register ``fn`` as backend ``name`` of ``op``."""
 
     def deco(fn: Callable) -> Callable:
-        pred = supports or (lambda spec, device: True)
+        pred = supports or (lambda layer, device: True)
         _BACKENDS.setdefault(op, {})[name] = Backend(op, name, fn, pred, priority)
         return fn
 
@@ -45,18 +50,32 @@ def backends(op: str) -> list[Backend]:
     return sorted(_BACKENDS.get(op, {}).values(), key=lambda b: -b.priority)
 
 
-def select(op: str, spec: QuantSpec, device: torch.device, prefer: str | None = None) -> Backend:
-    """The backend to run ``op`` for ``spec`` on ``device``."""
+def select(op: str, layer: Any, device: torch.device, prefer: str | None = None) -> Backend:
+    """The backend to run ``op`` for ``layer`` on ``device``."""
     table = _BACKENDS.get(op)
     if not table:
         raise LowbitError(f"no backend registered for op {op!r}")
     if prefer is not None:
         if prefer not in table:
             raise LowbitError(f"unknown backend {prefer!r} for {op}; known: {', '.join(table)}")
-        if not table[prefer].supports(spec, device):
-            raise LowbitError(f"backend {prefer!r} cannot run {op} for {spec.format} on {device}")
+        if not table[prefer].supports(layer, device):
+            raise LowbitError(f"backend {prefer!r} cannot run {op} for {_describe(layer)} on {device}")
         return table[prefer]
     for b in backends(op):
-        if b.supports(spec, device):
+        if b.supports(layer, device):
             return b
-    raise LowbitError(f"no backend of {op} supports {spec.format} on {device}")
+    raise LowbitError(f"no backend of {op} supports {_describe(layer)} on {device}")
+
+
+def _describe(layer: Any) -> str:
+    return f"{layer.rows}x{layer.cols} {layer.spec.format} {layer.spec.granularity}"
+
+
+def prepared(layer: Any, key: str, build: Callable[[], Any]) -> Any:
+    """``build()``'s result, cached on ``layer`` under ``key`` until its stored buffers change."""
+    token = tuple((t.data_ptr(), t._version, t.device) for t in (layer.qweight, layer.scale))
+    cache = layer.__dict__.setdefault("_lowbit_prepared", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] != token:
+        hit = cache[key] = (token, build())
+    return hit[1]
