@@ -126,8 +126,7 @@ class QLinear(QuantizedWeightModule):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = select("weight_only_linear", self.spec, x.device, self.backend).fn
-        return k(x, self.qweight, self.scale, self.zero_point, self.bias, self.spec, self.in_features)
+        return select("weight_only_linear", self, x.device, self.backend).fn(x, self)
 
 
 @register_qmodule(nn.Embedding)
@@ -173,5 +172,4 @@ class QEmbedding(QuantizedWeightModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.spec.granularity, PerTensor):
             return nn.functional.embedding(ids, self.dequantized_weight(self.dtype))
-        k = select("embedding", self.spec, ids.device).fn
-        return k(ids, self.qweight, self.scale, self.zero_point, self.spec, self.embedding_dim).to(self.dtype)
+        return select("embedding", self, ids.device).fn(ids, self).to(self.dtype)
