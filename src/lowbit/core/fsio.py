@@ -49,3 +49,11 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir`` if given, else ``$LOWBIT_CACHE``, else ``~/.cache/lowbit``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("LOWBIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit"

@@ -1,7 +1,8 @@
 """Kernel backends behind quantized-module forwards; a pure-torch reference backend always exists."""
 
-from lowbit.kernels import cpu as _cpu  # noqa: F401  (registers the CPU backends)
+from lowbit.kernels import cpu as _cpu  # noqa: F401  (registers the torch-kernel CPU backends)
+from lowbit.kernels import cpu_native as _cpu_native  # noqa: F401  (registers lowbit's own CPU kernels)
 from lowbit.kernels import reference as _reference  # noqa: F401  (registers the reference backends)
-from lowbit.kernels.registry import Backend, backends, prepared, register_backend, select
+from lowbit.kernels.registry import Backend, backends, dispatch, prepared, register_backend, select
 
-__all__ = ["Backend", "backends", "prepared", "register_backend", "select"]
+__all__ = ["Backend", "backends", "dispatch", "prepared", "register_backend", "select"]

@@ -1,9 +1,13 @@
-"""Fast CPU weight-only matmuls through the kernels PyTorch ships; the weight is never dequantized.
+"""CPU weight-only matmuls through the kernels PyTorch ships; the weight is never dequantized.
 
 | backend        | weights it takes                                      | torch kernel                    |
 |----------------|-------------------------------------------------------|---------------------------------|
 | `cpu_int8pack` | int8 symmetric, one scale per output channel          | ``_weight_int8pack_mm``         |
 | `cpu_int4pack` | int4/uint4, groups of 32..256 along K, rows % 16 == 0 | ``_weight_int4pack_mm_for_cpu`` |
+
+On torch 2.13 both run slower than float32 on a 2-core AMD EPYC at every batch size (see
+``benchmarks/results/linear_cpu.md``), so they rank below lowbit's own kernels (``cpu_native``); they
+stay registered for ``lowbit advise`` to measure and for ``backend=`` to force.
 
 int8 reads the stored bytes as they are (two's complement, see ``lowbit.core.codec``). int4 is
 repacked once into torch's layout, with lowbit's integer zero points folded into torch's
@@ -54,7 +58,7 @@ def _int8_compute_dtype(x: torch.Tensor, cols: int) -> torch.dtype:
     return x.dtype
 
 
-@register_backend("weight_only_linear", "cpu_int8pack", supports=_int8_ok, priority=10)
+@register_backend("weight_only_linear", "cpu_int8pack", supports=_int8_ok, priority=5)
 def int8_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """``x (..., cols) @ W.T`` with int8 ``W (rows, cols)`` read in place."""
     dt = _int8_compute_dtype(x, layer.cols)
@@ -88,7 +92,7 @@ def _int4_pack(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, i
     return torch._convert_weight_to_int4pack_for_cpu(u, 1), sz, padded
 
 
-@register_backend("weight_only_linear", "cpu_int4pack", supports=_int4_ok, priority=10)
+@register_backend("weight_only_linear", "cpu_int4pack", supports=_int4_ok, priority=5)
 def int4_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """``x (..., cols) @ W.T`` with group-wise int4 ``W (rows, cols)`` in torch's packed layout."""
     dt = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.core.codec import decode
-from lowbit.core.primitives import dequantize
-from lowbit.core.spec import QuantSpec
+from lowbit.core.primitives import choose_qparams, dequantize, quantize
+from lowbit.core.spec import PerToken, QuantSpec
 from lowbit.kernels.registry import register_backend
 
 
@@ -39,3 +39,17 @@ def embedding(ids: torch.Tensor, layer) -> torch.Tensor:
         layer.qweight[flat], layer.scale[flat], zp, layer.spec, layer.cols, torch.float32
     )
     return rows.reshape(*ids.shape, layer.cols)
+
+
+DYNAMIC_ACTIVATIONS = QuantSpec("int8", True, PerToken(), "float32")
+
+
+@register_backend("dynamic_linear", "reference", priority=0)
+def dynamic_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """W8A8 semantics: ``x`` fake-quantized per token (``DYNAMIC_ACTIVATIONS``), then the float matmul."""
+    xf = x.float()
+    scale, zp = choose_qparams(xf, DYNAMIC_ACTIVATIONS, name="activation")
+    xq = dequantize(quantize(xf, scale, zp, DYNAMIC_ACTIVATIONS), scale, zp, DYNAMIC_ACTIVATIONS)
+    w = dequantize_weight(layer.qweight, layer.scale, layer.zero_point, layer.spec, layer.cols, torch.float32)
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(xq, w, bias).to(x.dtype)

@@ -79,3 +79,14 @@ def prepared(layer: Any, key: str, build: Callable[[], Any]) -> Any:
     if hit is None or hit[0] != token:
         hit = cache[key] = (token, build())
     return hit[1]
+
+
+def dispatch(op: str, layer: Any, device: torch.device, prefer: str | None = None) -> Callable:
+    """``select(...).fn``, remembered on ``layer`` per (op, device, preference, scale dtype): a forward
+    pays for backend selection once, not on every call."""
+    key = (op, device, prefer, layer.scale.dtype)
+    memo = layer.__dict__.setdefault("_lowbit_dispatch", {})
+    fn = memo.get(key)
+    if fn is None:
+        fn = memo[key] = select(op, layer, device, prefer).fn
+    return fn

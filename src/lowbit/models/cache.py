@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lowbit.core.errors import CheckpointError
-from lowbit.core.fsio import atomic_dir
+from lowbit.core.fsio import atomic_dir, cache_root  # noqa: F401  (re-exported)
 from lowbit.models.checks import check_hf_folder
 
 MANIFEST = "lowbit_cache.json"
 CACHE_VERSION = 1
 STALE_TMP_SECONDS = 3600.0
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir`` if given, else ``$LOWBIT_CACHE``, else ``~/.cache/lowbit``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("LOWBIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit"
 
 
 HASH_SPAN = 1 << 20  # bytes hashed at each end of a GGUF file

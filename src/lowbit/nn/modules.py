@@ -23,19 +23,21 @@ from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.codec import encode, stored_bytes
 from lowbit.core.errors import LowbitError
 from lowbit.core.spec import PerChannel, PerGroup, PerTensor, QuantSpec, qparam_shape
-from lowbit.kernels import select
+from lowbit.kernels import dispatch
 from lowbit.kernels.reference import dequantize_weight
 
 QMODULES: dict[str, type[QuantizedWeightModule]] = {}
 FLOAT_TO_Q: dict[type[nn.Module], type[QuantizedWeightModule]] = {}
 
 
-def register_qmodule(float_type: type[nn.Module]) -> Callable:
-    """Class decorator: ``cls`` is the quantized counterpart of ``float_type``."""
+def register_qmodule(float_type: type[nn.Module] | None) -> Callable:
+    """Class decorator: ``cls`` can be saved and loaded by name and, unless ``float_type`` is None, is
+    the default quantized counterpart of ``float_type``."""
 
     def deco(cls):
         QMODULES[cls.__name__] = cls
-        FLOAT_TO_Q[float_type] = cls
+        if float_type is not None:
+            FLOAT_TO_Q[float_type] = cls
         return cls
 
     return deco
@@ -126,7 +128,7 @@ class QLinear(QuantizedWeightModule):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return select("weight_only_linear", self, x.device, self.backend).fn(x, self)
+        return dispatch("weight_only_linear", self, x.device, self.backend)(x, self)
 
 
 @register_qmodule(nn.Embedding)
@@ -172,4 +174,4 @@ class QEmbedding(QuantizedWeightModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.spec.granularity, PerTensor):
             return nn.functional.embedding(ids, self.dequantized_weight(self.dtype))
-        return select("embedding", self, ids.device).fn(ids, self).to(self.dtype)
+        return dispatch("embedding", self, ids.device)(ids, self).to(self.dtype)

@@ -1,13 +1,22 @@
 """Model transforms: configs, handler registry, ``quantize_``, module swap."""
 
+from lowbit.transforms import dynamic as _dynamic  # noqa: F401  (registers the handler)
 from lowbit.transforms import weight_only as _weight_only  # noqa: F401  (registers the handler)
-from lowbit.transforms.configs import CONFIGS, QuantConfig, WeightOnly, config_from_dict, register_config
+from lowbit.transforms.configs import (
+    CONFIGS,
+    Int8Dynamic,
+    QuantConfig,
+    WeightOnly,
+    config_from_dict,
+    register_config,
+)
 from lowbit.transforms.quantize import HANDLERS, QuantSummary, Selector, quantize_, register_handler
 from lowbit.transforms.schemes import parse_scheme
 
 __all__ = [
     "CONFIGS",
     "HANDLERS",
+    "Int8Dynamic",
     "QuantConfig",
     "QuantSummary",
     "Selector",

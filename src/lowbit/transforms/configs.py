@@ -91,3 +91,27 @@ class WeightOnly(QuantConfig):
         bits = self.embedding_bits if self.embedding_bits is not None else self.bits
         group = self.embedding_group_size if self.embedding_group_size is not None else self.group_size
         return _weight_spec(bits, group, self.symmetric, self.scale_dtype)
+
+
+@register_config
+@dataclass(frozen=True)
+class Int8Dynamic(QuantConfig):
+    """W8A8 dynamic quantization of Linear layers: int8 symmetric weights, one scale per output channel,
+    activations quantized to int8 per token at run time (int32 accumulation on fast backends).
+
+    scale_dtype: storage dtype of the weight scales. quantize_embeddings: Embedding tables (and an LM
+    head tied to one) become int8 per row, weight-only (a lookup has no activation to quantize).
+    """
+
+    scale_dtype: str = "float32"
+    quantize_embeddings: bool = True
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        self.linear_spec()
+
+    def linear_spec(self) -> QuantSpec:
+        return _weight_spec(8, None, True, self.scale_dtype)
+
+    def embedding_spec(self) -> QuantSpec | None:
+        return self.linear_spec() if self.quantize_embeddings else None

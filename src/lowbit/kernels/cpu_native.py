@@ -1,0 +1,161 @@
+"""Backends on lowbit's own CPU kernels (``lowbit.kernels.native``), reading the stored bytes in place.
+
+| op                   | weights                          | small batch          | large batch            |
+|----------------------|----------------------------------|----------------------|------------------------|
+| `weight_only_linear` | int8/uint8/int4/uint4, per chan. | fused GEMV: codes to | dequantize ~1 MiB tiles|
+|                      | or groups of 32k (any K)         | floats in registers  | of W, sgemm each tile  |
+| `dynamic_linear`     | int8 symmetric per channel       | int8 dot products    | ``torch._int_mm``      |
+
+"Small batch" is up to ``layer.native_gemv_rows`` activation rows (default ``GEMV_ROWS``; ``lowbit advise``
+measures the crossover per shape). Activations run in float32 and the result is cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.core.spec import PerChannel, PerGroup
+from lowbit.kernels import native
+from lowbit.kernels.registry import register_backend
+
+CODES = {"int8": (0, 0), "uint8": (1, 0), "int4": (2, -8), "uint4": (2, 0)}  # (code kind, offset)
+SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ZP_KINDS = {torch.int8: 1, torch.uint8: 2}
+GEMV_ROWS = 16
+TILE_BYTES = 1 << 20
+
+
+def _group(layer) -> int | None:
+    """Codes per scale along K, or None if the kernels cannot take this granularity."""
+    g = layer.spec.granularity
+    if isinstance(g, PerChannel) and g.axis in (0, -2):
+        return layer.cols
+    if isinstance(g, PerGroup) and g.axis in (1, -1) and (g.size % 32 == 0 or g.size >= layer.cols):
+        return min(g.size, layer.cols)
+    return None
+
+
+def _weight_ok(layer, device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and layer.spec.format in CODES
+        and _group(layer) is not None
+        and layer.scale.dtype in SCALE_KINDS
+        and (layer.zero_point is None or layer.zero_point.dtype in ZP_KINDS)
+        and native.available()
+    )
+
+
+def _weight_args(layer) -> tuple:
+    """(w, N, row_bytes, code, offset, group, scale, scale kind, zp, zp kind) for the C kernels."""
+    code, offset = CODES[layer.spec.format]
+    zp = layer.zero_point
+    return (
+        layer.qweight.data_ptr(),
+        layer.rows,
+        layer.qweight.shape[1],
+        code,
+        offset,
+        _group(layer),
+        layer.scale.data_ptr(),
+        SCALE_KINDS[layer.scale.dtype],
+        zp.data_ptr() if zp is not None else None,
+        ZP_KINDS[zp.dtype] if zp is not None else 0,
+    )
+
+
+def _bias(layer) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.float().contiguous()
+
+
+def gemv(x: torch.Tensor, layer) -> torch.Tensor:
+    """float32 ``x (M, K)`` contiguous -> ``(M, N)``, one pass over the stored weight."""
+    w, n, rb, code, off, group, sc, sk, zp, zk = _weight_args(layer)
+    y = torch.empty(x.shape[0], n)
+    b = _bias(layer)
+    rc = native.library().lb_wo_gemm(
+        x.data_ptr(), x.shape[0], layer.cols, w, n, rb, code, off, group, sc, sk, zp, zk,
+        b.data_ptr() if b is not None else None, y.data_ptr(), native.threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("lowbit native kernel could not allocate its activation buffer")
+    return y
+
+
+def dequantize_rows(layer, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``n0:n1`` of the weight as float32, written into ``out (n1 - n0, K)``."""
+    w, _, rb, code, off, group, sc, sk, zp, zk = _weight_args(layer)
+    native.library().lb_dequant_rows(
+        w, n0, n1, layer.cols, rb, code, off, group, sc, sk, zp, zk, out.data_ptr(), native.threads()
+    )
+    return out
+
+
+def tiled(x: torch.Tensor, layer) -> torch.Tensor:
+    """float32 ``x (M, K)`` -> ``(M, N)``: dequantize ~1 MiB row tiles of W and sgemm each."""
+    n, k = layer.rows, layer.cols
+    tile = max(16, min(n, TILE_BYTES // (4 * k)))
+    buf, y_t = torch.empty(tile, k), torch.empty(n, x.shape[0])
+    for n0 in range(0, n, tile):
+        n1 = min(n, n0 + tile)
+        torch.mm(dequantize_rows(layer, n0, n1, buf[: n1 - n0]), x.t(), out=y_t[n0:n1])
+    y = y_t.t()
+    return y + layer.bias.float() if layer.bias is not None else y
+
+
+@register_backend("weight_only_linear", "cpu_native", supports=_weight_ok, priority=20)
+def weight_only_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """``x (..., K) @ W.T + b``: fused GEMV up to ``native_gemv_rows`` rows, tiled sgemm above."""
+    x2 = x.reshape(-1, layer.cols).float().contiguous()
+    limit = getattr(layer, "native_gemv_rows", GEMV_ROWS)
+    y = gemv(x2, layer) if x2.shape[0] <= limit else tiled(x2, layer)
+    return y.reshape(*x.shape[:-1], layer.rows).to(x.dtype)
+
+
+def _w8a8_ok(layer, device: torch.device) -> bool:
+    s, g = layer.spec, layer.spec.granularity
+    return (
+        device.type == "cpu"
+        and s.format == "int8"
+        and s.symmetric
+        and isinstance(g, PerChannel)
+        and g.axis in (0, -2)
+        and layer.scale.dtype in SCALE_KINDS
+        and native.available()
+    )
+
+
+def w8a8_small(x: torch.Tensor, layer) -> torch.Tensor:
+    """float32 ``x (M, K)`` contiguous -> ``(M, N)``: per-token int8 ``x``, int8 dot products (VNNI)."""
+    m, n = x.shape[0], layer.rows
+    y, xs = torch.empty(m, n), torch.empty(m)
+    b = _bias(layer)
+    rc = native.library().lb_w8a8_gemm(
+        x.data_ptr(), m, layer.cols, layer.qweight.data_ptr(), n, layer.scale.data_ptr(),
+        SCALE_KINDS[layer.scale.dtype], b.data_ptr() if b is not None else None, y.data_ptr(),
+        xs.data_ptr(), native.threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("lowbit native kernel could not allocate its activation buffer")
+    return y
+
+
+def w8a8_large(x: torch.Tensor, layer) -> torch.Tensor:
+    """Same result for many rows: per-token quantization in torch, ``torch._int_mm`` (int32 accumulation)."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    s = torch.where(amax == 0, 1.0, amax / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    xq = torch.round(x / s).clamp_(-128, 127).to(torch.int8)
+    acc = torch._int_mm(xq, layer.qweight.view(torch.int8).t())
+    y = acc.float() * s * layer.scale.float().reshape(1, -1)
+    return y + layer.bias.float() if layer.bias is not None else y
+
+
+@register_backend("dynamic_linear", "cpu_native", supports=_w8a8_ok, priority=20)
+def dynamic_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """W8A8 ``x (..., K) @ W.T + b``: own int8 kernel up to ``native_gemv_rows`` rows, oneDNN above."""
+    x2 = x.reshape(-1, layer.cols).float().contiguous()
+    limit = getattr(layer, "native_gemv_rows", GEMV_ROWS)
+    # torch 2.13's CPU _int_mm returns wrong sums for K == 1: small inner dimensions stay on our kernel
+    small = x2.shape[0] <= limit or layer.cols < 8
+    y = w8a8_small(x2, layer) if small else w8a8_large(x2, layer)
+    return y.reshape(*x.shape[:-1], layer.rows).to(x.dtype)

@@ -1,0 +1,296 @@
+/* lowbit native CPU kernels: weight-only int8/int4 and W8A8 matmuls that read lowbit's stored bytes.
+ *
+ * Built by lowbit.kernels.native (cc -O3 -march=native -fopenmp), loaded with ctypes. No Python or
+ * torch headers: plain pointers, row-major, contiguous.
+ *
+ * Weights W (N, K) as stored by lowbit.core.codec, row n at w + n * row_bytes:
+ *   CODE_S8  int8 two's complement, one byte per code         w = (q - zp) * s
+ *   CODE_U8  uint8, one byte per code                         w = (q - zp) * s
+ *   CODE_U4  4-bit, code 2j in the low nibble of byte j       w = (u + offset - zp) * s   (offset = qmin)
+ * Scales and zero points (N, G), G = ceil(K / group); the last group may be partial.
+ * Scales are float32, float16 or bfloat16; zero points absent, int8 or uint8.
+ *
+ * Per group g of row n:  y[m, n] += s * (sum_k c_k x[m, k]  -  z * sum_k x[m, k]),  z = zp - offset,
+ * so codes are turned into floats once and the zero point costs one multiply per group.
+ * Activations are copied into a zero-padded buffer (K rounded up to 32; for 4-bit each block of 32
+ * reordered even-then-odd to match the nibbles), which is what makes any K and partial groups safe.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { CODE_S8 = 0, CODE_U8 = 1, CODE_U4 = 2 };
+enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2 };
+enum { ZP_NONE = 0, ZP_S8 = 1, ZP_U8 = 2 };
+
+#define BLK 32 /* codes per inner block */
+
+int lb_abi_version(void) { return 3; }
+
+#ifdef __AVX512F__
+int lb_has_avx512(void) { return 1; }
+#else
+int lb_has_avx512(void) { return 0; }
+#endif
+
+static inline float scale_at(const void *p, int kind, int64_t i) {
+    if (kind == SC_F32) return ((const float *)p)[i];
+    if (kind == SC_F16) return (float)((const _Float16 *)p)[i];
+    uint32_t b = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline float zp_at(const void *p, int kind, int64_t i) {
+    if (kind == ZP_S8) return (float)((const int8_t *)p)[i];
+    if (kind == ZP_U8) return (float)((const uint8_t *)p)[i];
+    return 0.0f;
+}
+
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+/* xp (Mp, Kp) padded activations and xs (Mp, G) group sums; rows >= M are zero. */
+static void prepare_x(const float *x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, int64_t group,
+                      int64_t G, int nibbles, float *xp, float *xs) {
+    memset(xp, 0, sizeof(float) * Mp * Kp);
+    memset(xs, 0, sizeof(float) * Mp * G);
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        float *dst = xp + m * Kp;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t b = k / BLK, j = k % BLK;
+            int64_t pos = nibbles ? b * BLK + (j % 2) * (BLK / 2) + j / 2 : k;
+            dst[pos] = xr[k];
+            xs[m * G + k / group] += xr[k];
+        }
+    }
+}
+
+#ifdef __AVX512F__
+/* 32 codes of block kb as two float vectors: codes [0,16) of the block -> *a, [16,32) -> *b
+ * (for 4-bit: even codes -> *a, odd -> *b, matching prepare_x's reordering). */
+static inline void load_block(const uint8_t *wr, int64_t kb, int64_t row_bytes, int code, __m512 *a,
+                              __m512 *b) {
+    if (code == CODE_U4) {
+        int64_t off = kb * 16, left = row_bytes - off;
+        __m128i raw = left >= 16 ? _mm_loadu_si128((const __m128i *)(wr + off))
+                                 : _mm_maskz_loadu_epi8((__mmask16)((1u << left) - 1), wr + off);
+        __m512i v = _mm512_cvtepu8_epi32(raw);
+        *a = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+        *b = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        return;
+    }
+    int64_t off = kb * BLK, left = row_bytes - off;
+    __mmask32 mk = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+    __m256i raw = _mm256_maskz_loadu_epi8(mk, wr + off);
+    __m128i lo = _mm256_castsi256_si128(raw), hi = _mm256_extracti128_si256(raw, 1);
+    if (code == CODE_S8) {
+        *a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo));
+        *b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
+    } else {
+        *a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+        *b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+    }
+}
+
+/* y[m0 + i, n] for i < MB: one weight row against MB padded activation rows. */
+static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int64_t n, int64_t m0,
+                                                         const int MB, int64_t Kp, int64_t row_bytes,
+                                                         int code, float offset, int64_t group,
+                                                         int64_t G, const void *scale, int sk,
+                                                         const void *zp, int zk, const float *xp,
+                                                         const float *xs, float *out) {
+    __m512 tot[4];
+    float corr[4] = {0, 0, 0, 0};
+    for (int i = 0; i < MB; i++) tot[i] = _mm512_setzero_ps();
+    int64_t nblk = Kp / BLK, per = group / BLK;
+    for (int64_t g = 0; g < G; g++) {
+        float s = scale_at(scale, sk, n * G + g);
+        int64_t kb0 = g * per, kb1 = g == G - 1 ? nblk : kb0 + per;
+        /* independent FMA chains: a/b halves, and for one row two blocks at a time (FMA latency) */
+        __m512 acc[4], acc2[4];
+        for (int i = 0; i < MB; i++) acc[i] = acc2[i] = _mm512_setzero_ps();
+        int64_t kb = kb0;
+        if (MB == 1) {
+            __m512 c3 = _mm512_setzero_ps(), c4 = _mm512_setzero_ps();
+            for (; kb + 1 < kb1; kb += 2) {
+                __m512 a, b, c, d;
+                load_block(wr, kb, row_bytes, code, &a, &b);
+                load_block(wr, kb + 1, row_bytes, code, &c, &d);
+                const float *xr = xp + m0 * Kp + kb * BLK;
+                acc[0] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xr), acc[0]);
+                acc2[0] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16), acc2[0]);
+                c3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(xr + 32), c3);
+                c4 = _mm512_fmadd_ps(d, _mm512_loadu_ps(xr + 48), c4);
+            }
+            acc[0] = _mm512_add_ps(acc[0], c3);
+            acc2[0] = _mm512_add_ps(acc2[0], c4);
+        }
+        for (; kb < kb1; kb++) {
+            __m512 a, b;
+            load_block(wr, kb, row_bytes, code, &a, &b);
+            for (int i = 0; i < MB; i++) {
+                const float *xr = xp + (m0 + i) * Kp + kb * BLK;
+                acc[i] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xr), acc[i]);
+                acc2[i] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16), acc2[i]);
+            }
+        }
+        __m512 sv = _mm512_set1_ps(s);
+        for (int i = 0; i < MB; i++) tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i], acc2[i]), sv, tot[i]);
+    }
+    /* zero-point term sum_g s_g z_g xs[m, g], off the block loop */
+    for (int64_t g = 0; g < G; g++) {
+        float sz = scale_at(scale, sk, n * G + g) * (zp_at(zp, zk, n * G + g) - offset);
+        for (int i = 0; i < MB; i++) corr[i] += sz * xs[(m0 + i) * G + g];
+    }
+    for (int i = 0; i < MB; i++) out[i] = _mm512_reduce_add_ps(tot[i]) - corr[i];
+}
+#else
+static inline float code_at(const uint8_t *wr, int64_t k, int code) {
+    if (code == CODE_U4) return (float)((wr[k / 2] >> ((k % 2) * 4)) & 15);
+    if (code == CODE_S8) return (float)(int8_t)wr[k];
+    return (float)wr[k];
+}
+
+static inline void row_mb(const uint8_t *wr, int64_t n, int64_t m0, const int MB, int64_t Kp,
+                          int64_t row_bytes, int code, float offset, int64_t group, int64_t G,
+                          const void *scale, int sk, const void *zp, int zk, const float *xp,
+                          const float *xs, float *out) {
+    int64_t K = code == CODE_U4 ? row_bytes * 2 : row_bytes;
+    for (int i = 0; i < MB; i++) {
+        const float *xr = xp + (m0 + i) * Kp;
+        float tot = 0.0f;
+        for (int64_t g = 0; g < G; g++) {
+            float s = scale_at(scale, sk, n * G + g), z = zp_at(zp, zk, n * G + g) - offset;
+            int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
+            float acc = 0.0f;
+            for (int64_t k = g * group; k < k1; k++) {
+                int64_t pos = code == CODE_U4 ? k / BLK * BLK + (k % 2) * (BLK / 2) + (k % BLK) / 2 : k;
+                acc += code_at(wr, k, code) * xr[pos];
+            }
+            tot += s * (acc - z * xs[(m0 + i) * G + g]);
+        }
+        out[i] = tot;
+    }
+}
+#endif
+
+/* y (M, N) = x (M, K) @ W.T (+ bias). group: codes per scale along K (K for per-channel); it must be a
+ * multiple of 32 unless it covers all of K. Returns 0, or -1 if a buffer could not be allocated. */
+int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t row_bytes,
+               int code, int offset, int64_t group, const void *scale, int sk, const void *zp, int zk,
+               const float *bias, float *y, int nthreads) {
+    int64_t Kp = round_up(K, BLK), Mp = round_up(M, 4), G = (K + group - 1) / group;
+    if (group >= K) group = Kp;
+    float *xp = malloc(sizeof(float) * Mp * Kp), *xs = malloc(sizeof(float) * Mp * G);
+    if (!xp || !xs) {
+        free(xp);
+        free(xs);
+        return -1;
+    }
+    prepare_x(x, M, Mp, K, Kp, group, G, code == CODE_U4, xp, xs);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = w + n * row_bytes;
+        float out[4];
+        float bn = bias ? bias[n] : 0.0f;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            if (M - m0 == 1) {
+                row_mb(wr, n, m0, 1, Kp, row_bytes, code, (float)offset, group, G, scale, sk, zp, zk,
+                       xp, xs, out);
+            } else {
+                row_mb(wr, n, m0, 4, Kp, row_bytes, code, (float)offset, group, G, scale, sk, zp, zk,
+                       xp, xs, out);
+            }
+            for (int64_t i = 0; i < 4 && m0 + i < M; i++) y[(m0 + i) * N + n] = out[i] + bn;
+        }
+    }
+    free(xp);
+    free(xs);
+    return 0;
+}
+
+/* out (n1 - n0, K) float32: rows n0..n1 of W dequantized (for large batches: tile, then sgemm). */
+void lb_dequant_rows(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, int64_t row_bytes, int code,
+                     int offset, int64_t group, const void *scale, int sk, const void *zp, int zk,
+                     float *out, int nthreads) {
+    int64_t G = (K + group - 1) / group;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * row_bytes;
+        float *o = out + (n - n0) * K;
+        for (int64_t g = 0; g < G; g++) {
+            float s = scale_at(scale, sk, n * G + g), z = zp_at(zp, zk, n * G + g) - (float)offset;
+            int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
+            int64_t k0 = g * group;
+            if (code == CODE_U4) {
+                for (int64_t k = k0; k < k1; k++) o[k] = ((float)((wr[k >> 1] >> ((k & 1) * 4)) & 15) - z) * s;
+            } else if (code == CODE_S8) {
+                const int8_t *ws = (const int8_t *)wr;
+                for (int64_t k = k0; k < k1; k++) o[k] = ((float)ws[k] - z) * s;
+            } else {
+                for (int64_t k = k0; k < k1; k++) o[k] = ((float)wr[k] - z) * s;
+            }
+        }
+    }
+}
+
+/* W8A8: x (M, K) float32 quantized per row to int8 (scale amax / 127, round half to even), times
+ * int8 W (N, K) with one scale per row, int32 accumulation. xs_out (M) receives the activation scales. */
+int lb_w8a8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const void *scale,
+                 int sk, const float *bias, float *y, float *xs_out, int nthreads) {
+    int64_t Kp = round_up(K, 64);
+    uint8_t *xq = calloc((size_t)(M * Kp), 1);
+    if (!xq) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
+        float s = amax / 127.0f;
+        if (s == 0.0f) s = 1.0f;
+        if (s < 1.17549435e-38f) s = 1.17549435e-38f;
+        xs_out[m] = s;
+        for (int64_t k = 0; k < K; k++) {
+            float q = nearbyintf(xr[k] / s);
+            q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
+            xq[m * Kp + k] = (uint8_t)((int)q + 128); /* unsigned for u8 x s8 dot products */
+        }
+        for (int64_t k = K; k < Kp; k++) xq[m * Kp + k] = 128; /* code 0 */
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wr = w + n * K;
+        float sw = scale_at(scale, sk, n), bn = bias ? bias[n] : 0.0f;
+        for (int64_t m = 0; m < M; m++) {
+            const uint8_t *xr = xq + m * Kp;
+            int32_t dot = 0, wsum = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+            __m512i acc = _mm512_setzero_si512(), sum = _mm512_setzero_si512();
+            const __m512i ones = _mm512_set1_epi8(1);
+            for (int64_t k = 0; k < K; k += 64) {
+                int64_t left = K - k;
+                __mmask64 mk = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+                __m512i wv = _mm512_maskz_loadu_epi8(mk, wr + k);
+                __m512i xv = _mm512_loadu_si512((const void *)(xr + k));
+                acc = _mm512_dpbusd_epi32(acc, xv, wv);
+                sum = _mm512_dpbusd_epi32(sum, ones, wv);
+            }
+            dot = _mm512_reduce_add_epi32(acc);
+            wsum = _mm512_reduce_add_epi32(sum);
+#else
+            for (int64_t k = 0; k < K; k++) {
+                dot += (int32_t)xr[k] * (int32_t)wr[k];
+                wsum += wr[k];
+            }
+#endif
+            y[m * N + n] = (float)(dot - 128 * wsum) * (xs_out[m] * sw) + bn;
+        }
+    }
+    free(xq);
+    return 0;
+}

@@ -1,0 +1,26 @@
+"""Handler for ``Int8Dynamic``: Linear -> QDynamicLinear (W8A8), Embedding -> int8 per-row QEmbedding."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lowbit.nn.dynamic import QDynamicLinear
+from lowbit.nn.modules import FLOAT_TO_Q
+from lowbit.transforms.configs import Int8Dynamic
+from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
+from lowbit.transforms.weight_only import swap_weights
+
+
+@register_handler(Int8Dynamic)
+def int8_dynamic(
+    model: nn.Module, config: Int8Dynamic, calib, select: Selector, progress: bool
+) -> QuantSummary:
+    """Linear layers run W8A8; embeddings (and a head tied to one) are int8 weight-only."""
+
+    def plan(m: nn.Module):
+        if isinstance(m, nn.Embedding):
+            spec = config.embedding_spec()
+            return (FLOAT_TO_Q[nn.Embedding], spec) if spec is not None else None
+        return QDynamicLinear, config.linear_spec()
+
+    return swap_weights(model, plan, select, QuantSummary(config), progress)
