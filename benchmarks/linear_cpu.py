@@ -53,26 +53,28 @@ def _fbgemm(lin: nn.Linear):
 
 
 def _layers(rows: int, cols: int, slow_backends: bool) -> dict:
+    """name -> (factory building an independent copy of the layer, bytes of its weights)."""
     torch.manual_seed(0)
     lin = nn.Linear(cols, rows, bias=False)
-    layers = {"fp32": (lin, 4 * rows * cols), "fbgemm dynamic int8": (_fbgemm(lin), rows * cols)}
+    layers = {
+        "fp32": (lambda: copy.deepcopy(lin), 4 * rows * cols),
+        "fbgemm dynamic int8": (lambda: _fbgemm(lin), rows * cols),
+    }
     for name, (config, backend) in VARIANTS.items():
         if backend is not None and not slow_backends:
             continue
         q = _quantized(lin, config, backend)
-        layers[name] = (q, sum(tensor_bytes(t) for t in (q.qweight, q.scale, q.zero_point) if t is not None))
+        nbytes = tensor_bytes(dict(q.named_buffers()))
+        layers[name] = (lambda c=config, b=backend: _quantized(lin, c, b), nbytes)
     return layers
 
 
 def measure(rows: int, cols: int, batch: int, cold: bool, slow_backends: bool) -> dict:
     x = torch.randn(batch, cols)
     cands = {}
-    for name, (layer, nbytes) in _layers(rows, cols, slow_backends and batch <= 4).items():
-        if cold:
-            copies = [layer] + [copy.deepcopy(layer) for _ in range(cold_copies(nbytes) - 1)]
-            cands[name] = cycling([(lambda m=m: m(x)) for m in copies])
-        else:
-            cands[name] = lambda m=layer: m(x)
+    for name, (factory, nbytes) in _layers(rows, cols, slow_backends and batch <= 4).items():
+        copies = [factory() for _ in range(cold_copies(nbytes) if cold else 1)]
+        cands[name] = cycling([(lambda m=m: m(x)) for m in copies])
     with torch.inference_mode():
         us = compare(cands, rounds=9 if batch >= 64 else 15)
     return {name: {"us": round(v, 1), "speedup": round(us["fp32"] / v, 2)} for name, v in us.items()}

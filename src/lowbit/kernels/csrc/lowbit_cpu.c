@@ -108,6 +108,7 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
     __m512 tot[4];
     float corr[4] = {0, 0, 0, 0};
     for (int i = 0; i < MB; i++) tot[i] = _mm512_setzero_ps();
+    __m512 r1 = _mm512_setzero_ps(), r2 = r1, r3 = r1, r4 = r1; /* MB == 1 chains */
     int64_t nblk = Kp / BLK, per = group / BLK;
     for (int64_t g = 0; g < G; g++) {
         float s = scale_at(scale, sk, n * G + g);
@@ -117,19 +118,21 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
         for (int i = 0; i < MB; i++) acc[i] = acc2[i] = _mm512_setzero_ps();
         int64_t kb = kb0;
         if (MB == 1) {
-            __m512 c3 = _mm512_setzero_ps(), c4 = _mm512_setzero_ps();
-            for (; kb + 1 < kb1; kb += 2) {
-                __m512 a, b, c, d;
+            /* one row: scale the codes, accumulate across groups in four chains (no per-group sums) */
+            __m512 sv1 = _mm512_set1_ps(s);
+            for (; kb < kb1; kb++) {
+                __m512 a, b;
                 load_block(wr, kb, row_bytes, code, &a, &b);
-                load_block(wr, kb + 1, row_bytes, code, &c, &d);
                 const float *xr = xp + m0 * Kp + kb * BLK;
-                acc[0] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xr), acc[0]);
-                acc2[0] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16), acc2[0]);
-                c3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(xr + 32), c3);
-                c4 = _mm512_fmadd_ps(d, _mm512_loadu_ps(xr + 48), c4);
+                if (kb & 1) {
+                    r3 = _mm512_fmadd_ps(_mm512_mul_ps(a, sv1), _mm512_loadu_ps(xr), r3);
+                    r4 = _mm512_fmadd_ps(_mm512_mul_ps(b, sv1), _mm512_loadu_ps(xr + 16), r4);
+                } else {
+                    r1 = _mm512_fmadd_ps(_mm512_mul_ps(a, sv1), _mm512_loadu_ps(xr), r1);
+                    r2 = _mm512_fmadd_ps(_mm512_mul_ps(b, sv1), _mm512_loadu_ps(xr + 16), r2);
+                }
             }
-            acc[0] = _mm512_add_ps(acc[0], c3);
-            acc2[0] = _mm512_add_ps(acc2[0], c4);
+            continue;
         }
         for (; kb < kb1; kb++) {
             __m512 a, b;
@@ -143,8 +146,22 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
         __m512 sv = _mm512_set1_ps(s);
         for (int i = 0; i < MB; i++) tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i], acc2[i]), sv, tot[i]);
     }
-    /* zero-point term sum_g s_g z_g xs[m, g], off the block loop */
-    for (int64_t g = 0; g < G; g++) {
+    if (MB == 1) tot[0] = _mm512_add_ps(_mm512_add_ps(r1, r2), _mm512_add_ps(r3, r4));
+    /* zero-point term sum_g s_g z_g xs[m, g], off the block loop; 16 groups at a time */
+    int64_t g = 0;
+    if (MB == 1 && sk == SC_F16 && zk != ZP_NONE) {
+        __m512 cv = _mm512_setzero_ps();
+        const __m512 offv = _mm512_set1_ps(offset);
+        for (; g + 16 <= G; g += 16) {
+            __m512 sv16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scale + n * G + g)));
+            __m128i zb = _mm_loadu_si128((const __m128i *)((const uint8_t *)zp + n * G + g));
+            __m512i zi = zk == ZP_S8 ? _mm512_cvtepi8_epi32(zb) : _mm512_cvtepu8_epi32(zb);
+            __m512 zv = _mm512_sub_ps(_mm512_cvtepi32_ps(zi), offv);
+            cv = _mm512_fmadd_ps(_mm512_mul_ps(sv16, zv), _mm512_loadu_ps(xs + m0 * G + g), cv);
+        }
+        corr[0] = _mm512_reduce_add_ps(cv);
+    }
+    for (; g < G; g++) {
         float sz = scale_at(scale, sk, n * G + g) * (zp_at(zp, zk, n * G + g) - offset);
         for (int i = 0; i < MB; i++) corr[i] += sz * xs[(m0 + i) * G + g];
     }
