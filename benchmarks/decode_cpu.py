@@ -13,6 +13,7 @@ Run: .venv-bench/bin/python benchmarks/decode_cpu.py
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -64,10 +65,10 @@ VARIANTS = {
 }
 
 
-def _version(mod: str) -> str | None:
+def _version(dist: str) -> str | None:
     try:
-        return __import__(mod).__version__
-    except Exception:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -92,7 +93,7 @@ def main() -> int:
         try:
             if VARIANTS[name] is not None:
                 VARIANTS[name](m)
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: quanto int4 refuses inference tensors
                 _generate(m, ids, 2)
             models[name] = m
         except Exception as e:  # a peer that cannot run this model is a result, not a crash
@@ -100,7 +101,7 @@ def main() -> int:
             traceback.print_exc()
     del base
     prefill, total, tokens = {n: [] for n in models}, {n: [] for n in models}, {}
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: quanto int4 refuses inference tensors
         for _ in range(args.rounds):
             for name, m in models.items():
                 s = time.perf_counter()
@@ -125,7 +126,7 @@ def main() -> int:
     env = {
         "torch": torch.__version__,
         "torchao": _version("torchao"),
-        "optimum-quanto": _version("optimum.quanto"),
+        "optimum-quanto": _version("optimum-quanto"),
         "python": sys.version.split()[0],
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
