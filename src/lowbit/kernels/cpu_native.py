@@ -6,6 +6,8 @@
 |                      | or groups of 32k (any K)         | floats in registers  | of W, sgemm each tile  |
 | `dynamic_linear`     | int8 symmetric per channel       | int8 dot products    | ``torch._int_mm``      |
 
+On CPUs with AVX512-BF16, 4-bit weights meet one or two activation rows with bf16 dot products: the
+activations are split exactly into three bf16 terms, so the products are float32's (see the C source).
 "Small batch" is up to ``layer.native_gemv_rows`` activation rows (default ``GEMV_ROWS``; ``lowbit advise``
 measures the crossover per shape). Activations run in float32 and the result is cast back to the input dtype.
 """

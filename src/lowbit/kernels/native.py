@@ -10,6 +10,9 @@ OpenMP: torch's wheel ships ``libgomp.so.1`` under that soname and loads it firs
 torch's own ops share one thread pool; the kernels use ``torch.get_num_threads()`` threads.
 
 Set ``LOWBIT_NATIVE=0`` to turn the kernels off (the reference backend then runs, with a warning).
+
+Variants (``FLAGS``): ``native`` is what runs; ``nobf16`` (native without AVX512-BF16) and ``generic``
+(x86-64-v2, the portable C paths) exist so the tests cover every code path on one machine.
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ import torch
 from lowbit.core.fsio import cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"],
+    "nobf16": ["-O3", "-march=native", "-mno-avx512bf16", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"],
     "generic": ["-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"],
 }
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
     "lb_abi_version": ([], _int),
     "lb_has_avx512": ([], _int),
+    "lb_has_bf16": ([], _int),
     "lb_wo_gemm": (
         [_ptr, _i64, _i64, _ptr, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _ptr, _int], _int
     ),
@@ -70,7 +75,7 @@ def _compiler() -> str:
 
 
 def build(variant: str = "native", out_dir: Path | None = None) -> Path:
-    """Path of the compiled library for ``variant`` ('native' or 'generic'), building it if needed."""
+    """Path of the compiled library for ``variant`` (a key of ``FLAGS``), building it if needed."""
     cc, flags = _compiler(), FLAGS[variant]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout

@@ -29,12 +29,17 @@ enum { ZP_NONE = 0, ZP_S8 = 1, ZP_U8 = 2 };
 
 #define BLK 32 /* codes per inner block */
 
-int lb_abi_version(void) { return 3; }
+int lb_abi_version(void) { return 4; }
 
 #ifdef __AVX512F__
 int lb_has_avx512(void) { return 1; }
 #else
 int lb_has_avx512(void) { return 0; }
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+int lb_has_bf16(void) { return 1; } /* 4-bit weights take the bf16 dot-product path */
+#else
+int lb_has_bf16(void) { return 0; }
 #endif
 
 static inline float scale_at(const void *p, int kind, int64_t i) {
@@ -54,6 +59,17 @@ static inline float zp_at(const void *p, int kind, int64_t i) {
 
 static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+/* xs (M, G): sums of x (M, K) over each group of `group` columns (the last may be partial). */
+static void group_sums(const float *x, int64_t M, int64_t K, int64_t group, int64_t G, float *xs) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
+            float acc = 0.0f;
+            for (int64_t k = g * group; k < k1; k++) acc += x[m * K + k];
+            xs[m * G + g] = acc;
+        }
+}
+
 /* xp (Mp, Kp) padded activations and xs (Mp, G) group sums; rows >= M are zero. */
 static void prepare_x(const float *x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, int64_t group,
                       int64_t G, int nibbles, float *xp, float *xs) {
@@ -66,12 +82,41 @@ static void prepare_x(const float *x, int64_t M, int64_t Mp, int64_t K, int64_t 
             int64_t b = k / BLK, j = k % BLK;
             int64_t pos = nibbles ? b * BLK + (j % 2) * (BLK / 2) + j / 2 : k;
             dst[pos] = xr[k];
-            xs[m * G + k / group] += xr[k];
         }
     }
+    group_sums(x, M, K, group, G, xs);
 }
 
 #ifdef __AVX512F__
+/* 16 scales from index i as floats (mask: which of the 16 exist). */
+static inline __m512 scales16(const void *p, int kind, int64_t i, __mmask16 mk) {
+    if (kind == SC_F32) return _mm512_maskz_loadu_ps(mk, (const float *)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)p + i);
+    if (kind == SC_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* corr[i] = sum_g s_g (zp_g - offset) xs[m0 + i, g] for i < MB: the zero-point term of row n, 16 groups
+ * at a time. */
+static inline void zp_correction(int64_t n, int64_t m0, const int MB, int64_t G, const void *scale, int sk,
+                                 const void *zp, int zk, float offset, const float *xs, float *corr) {
+    __m512 cv[4];
+    for (int i = 0; i < MB; i++) cv[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g += 16) {
+        __mmask16 mk = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+        __m512 zv = _mm512_set1_ps(-offset);
+        if (zk != ZP_NONE) {
+            __m128i zb = _mm_maskz_loadu_epi8(mk, (const uint8_t *)zp + n * G + g);
+            __m512i zi = zk == ZP_S8 ? _mm512_cvtepi8_epi32(zb) : _mm512_cvtepu8_epi32(zb);
+            zv = _mm512_add_ps(_mm512_cvtepi32_ps(zi), zv);
+        }
+        __m512 sz = _mm512_mul_ps(scales16(scale, sk, n * G + g, mk), zv);
+        for (int i = 0; i < MB; i++)
+            cv[i] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, xs + (m0 + i) * G + g), cv[i]);
+    }
+    for (int i = 0; i < MB; i++) corr[i] = _mm512_reduce_add_ps(cv[i]);
+}
+
 /* 32 codes of block kb as two float vectors: codes [0,16) of the block -> *a, [16,32) -> *b
  * (for 4-bit: even codes -> *a, odd -> *b, matching prepare_x's reordering). */
 static inline void load_block(const uint8_t *wr, int64_t kb, int64_t row_bytes, int code, __m512 *a,
@@ -106,7 +151,7 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
                                                          const void *zp, int zk, const float *xp,
                                                          const float *xs, float *out) {
     __m512 tot[4];
-    float corr[4] = {0, 0, 0, 0};
+    float corr[4];
     for (int i = 0; i < MB; i++) tot[i] = _mm512_setzero_ps();
     __m512 r1 = _mm512_setzero_ps(), r2 = r1, r3 = r1, r4 = r1; /* MB == 1 chains */
     int64_t nblk = Kp / BLK, per = group / BLK;
@@ -147,26 +192,123 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
         for (int i = 0; i < MB; i++) tot[i] = _mm512_fmadd_ps(_mm512_add_ps(acc[i], acc2[i]), sv, tot[i]);
     }
     if (MB == 1) tot[0] = _mm512_add_ps(_mm512_add_ps(r1, r2), _mm512_add_ps(r3, r4));
-    /* zero-point term sum_g s_g z_g xs[m, g], off the block loop; 16 groups at a time */
-    int64_t g = 0;
-    if (MB == 1 && sk == SC_F16 && zk != ZP_NONE) {
-        __m512 cv = _mm512_setzero_ps();
-        const __m512 offv = _mm512_set1_ps(offset);
-        for (; g + 16 <= G; g += 16) {
-            __m512 sv16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scale + n * G + g)));
-            __m128i zb = _mm_loadu_si128((const __m128i *)((const uint8_t *)zp + n * G + g));
-            __m512i zi = zk == ZP_S8 ? _mm512_cvtepi8_epi32(zb) : _mm512_cvtepu8_epi32(zb);
-            __m512 zv = _mm512_sub_ps(_mm512_cvtepi32_ps(zi), offv);
-            cv = _mm512_fmadd_ps(_mm512_mul_ps(sv16, zv), _mm512_loadu_ps(xs + m0 * G + g), cv);
-        }
-        corr[0] = _mm512_reduce_add_ps(cv);
-    }
-    for (; g < G; g++) {
-        float sz = scale_at(scale, sk, n * G + g) * (zp_at(zp, zk, n * G + g) - offset);
-        for (int i = 0; i < MB; i++) corr[i] += sz * xs[(m0 + i) * G + g];
-    }
+    zp_correction(n, m0, MB, G, scale, sk, zp, zk, offset, xs, corr);
     for (int i = 0; i < MB; i++) out[i] = _mm512_reduce_add_ps(tot[i]) - corr[i];
 }
+
+#if defined(__AVX512BF16__)
+#define LB_BF16 1
+/* One activation row against 4-bit weights with bf16 dot products (vdpbf16ps: 32 products a
+ * instruction, float32 accumulation). Codes 0..15 are exact in bf16, and each activation is split
+ * exactly into three bf16 terms x = hi + mid + lo (8 + 8 + 8 significant bits), so every product is
+ * the float32 product: results agree with the float32 kernels to accumulation order. Work goes by
+ * chunks of 64 codes (32 bytes): byte j of chunk c holds codes 64c + 2j (low nibble) and 64c + 2j + 1
+ * (high nibble). Taken for rows one at a time (M <= 2): from 3 rows on, the float32 kernel's shared
+ * weight decoding wins. */
+#define NT 3          /* bf16 terms per activation */
+#define CH 64         /* codes per chunk */
+#define XW (64 * NT)  /* bf16 words of activations per chunk */
+
+/* xb (nch, NT, 2, 32) bf16 for one row x (K): chunk c term t is [t(even) | t(odd)], even word j being
+ * the term of x[64c + 2j] and odd word j of x[64c + 2j + 1]; zero past K. */
+static void prepare_x_bf16(const float *x, int64_t K, int64_t nch, uint16_t *xb) {
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (int64_t c = 0; c < nch; c++) {
+        __m512 v[4];
+        for (int q = 0; q < 4; q++) {
+            int64_t left = K - c * CH - q * 16;
+            __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            v[q] = _mm512_maskz_loadu_ps(mk, x + c * CH + q * 16);
+        }
+        __m512 part[4] = {_mm512_permutex2var_ps(v[0], ev, v[1]), _mm512_permutex2var_ps(v[2], ev, v[3]),
+                          _mm512_permutex2var_ps(v[0], od, v[1]), _mm512_permutex2var_ps(v[2], od, v[3])};
+        for (int q = 0; q < 4; q++) {
+            __m512 r = part[q];
+            for (int t = 0; t < NT; t++) { /* r - float(bf16(r)) is exact: the next term takes it */
+                __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
+                _mm256_storeu_si256((__m256i *)(xb + c * XW + t * 64 + q * 16), h);
+                r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+            }
+        }
+    }
+}
+
+/* Chunk c of weight row wr against the activation chunk xc: low-nibble products into e[0..1],
+ * high-nibble products into o[0..1] (two chains each). */
+static inline __attribute__((always_inline)) void chunk_dp(const uint8_t *wr, int64_t c, int64_t row_bytes,
+                                                           const uint16_t *xc, __m512i tbl, __m512 *e,
+                                                           __m512 *o) {
+    int64_t off = c * 32, left = row_bytes - off;
+    __m256i raw = left >= 32 ? _mm256_loadu_si256((const __m256i *)(wr + off))
+                             : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1), wr + off);
+    __m512i w = _mm512_cvtepu8_epi16(raw);
+    __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, _mm512_set1_epi16(15)), tbl);
+    __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), tbl);
+    for (int t = 0; t < NT; t++) {
+        e[t & 1] = _mm512_dpbf16_ps(e[t & 1], lo, (__m512bh)_mm512_loadu_si512(xc + t * 64));
+        o[t & 1] = _mm512_dpbf16_ps(o[t & 1], hi, (__m512bh)_mm512_loadu_si512(xc + t * 64 + 32));
+    }
+}
+
+/* y[n] for one activation row: 4-bit codes, group 32, a multiple of 64, or one group (G == 1).
+ * Scales are read 16 at a time and broadcast by a permute; with group 32 a chunk holds two groups,
+ * whose dot products fall in lanes 0-7 and 8-15. */
+static float row_bf16(const uint8_t *wr, int64_t n, int64_t nch, int64_t row_bytes, float offset,
+                      int64_t group, int64_t G, const void *scale, int sk, const void *zp, int zk,
+                      const uint16_t *xb, const float *xs) {
+    const __m512i tbl = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160,
+                                         0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0,
+                                         0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0); /* bf16(u), u < 16 */
+    const int pair = group == 32 && G > 1;
+    const int64_t per = G == 1 ? nch : pair ? 1 : group / CH;
+    const __m512i step = _mm512_set1_epi32(pair ? 2 : 1);
+    __m512 tot = _mm512_setzero_ps();
+    for (int64_t g0 = 0, c = 0; g0 < G; g0 += 16) {
+        __mmask16 mk = G - g0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g0)) - 1);
+        __m512 s16 = scales16(scale, sk, n * G + g0, mk);
+        __m512i idx = pair ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                           : _mm512_setzero_si512();
+        for (int j = 0; j < 16 && c < nch; j += pair ? 2 : 1) {
+            int64_t c1 = c + per < nch ? c + per : nch;
+            __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, o[2] = {e[0], e[0]};
+            for (; c < c1; c++) chunk_dp(wr, c, row_bytes, xb + c * XW, tbl, e, o);
+            __m512 sum = _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(o[0], o[1]));
+            tot = _mm512_fmadd_ps(sum, _mm512_permutexvar_ps(idx, s16), tot);
+            idx = _mm512_add_epi32(idx, step);
+        }
+    }
+    float corr;
+    zp_correction(n, 0, 1, G, scale, sk, zp, zk, offset, xs, &corr);
+    return _mm512_reduce_add_ps(tot) - corr;
+}
+
+/* lb_wo_gemm for 4-bit codes on the bf16 path, row by row (see row_bf16 for the groups it takes). */
+static int wo_gemm_u4_bf16(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                           int64_t row_bytes, int offset, int64_t group, int64_t G, const void *scale,
+                           int sk, const void *zp, int zk, const float *bias, float *y, int nthreads) {
+    int64_t nch = (K + CH - 1) / CH;
+    uint16_t *xb = malloc(sizeof(uint16_t) * nch * XW);
+    float *xs = malloc(sizeof(float) * G);
+    if (!xb || !xs) {
+        free(xb);
+        free(xs);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        prepare_x_bf16(x + m * K, K, nch, xb);
+        group_sums(x + m * K, 1, K, group, G, xs);
+        float *ym = y + m * N;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            ym[n] = row_bf16(w + n * row_bytes, n, nch, row_bytes, (float)offset, group, G, scale, sk, zp, zk,
+                             xb, xs) + (bias ? bias[n] : 0.0f);
+    }
+    free(xb);
+    free(xs);
+    return 0;
+}
+#endif /* __AVX512BF16__ */
 #else
 static inline float code_at(const uint8_t *wr, int64_t k, int code) {
     if (code == CODE_U4) return (float)((wr[k / 2] >> ((k % 2) * 4)) & 15);
@@ -204,6 +346,10 @@ int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N
                const float *bias, float *y, int nthreads) {
     int64_t Kp = round_up(K, BLK), Mp = round_up(M, 4), G = (K + group - 1) / group;
     if (group >= K) group = Kp;
+#ifdef LB_BF16
+    if (code == CODE_U4 && M <= 2 && (G == 1 || group == 32 || group % CH == 0))
+        return wo_gemm_u4_bf16(x, M, K, w, N, row_bytes, offset, group, G, scale, sk, zp, zk, bias, y, nthreads);
+#endif
     float *xp = malloc(sizeof(float) * Mp * Kp), *xs = malloc(sizeof(float) * Mp * G);
     if (!xp || !xs) {
         free(xp);
@@ -214,7 +360,7 @@ int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * row_bytes;
-        float out[4];
+        float out[4] = {0, 0, 0, 0};
         float bn = bias ? bias[n] : 0.0f;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             if (M - m0 == 1) {
