@@ -158,3 +158,94 @@ def format_rows(rows: list[SchemeRow]) -> str:
 
 def rows_to_json(rows: list[SchemeRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def _float_and_quantized(ref: str | os.PathLike, scheme: str | None, progress: bool):
+    """(float model, quantized model, scheme label, tokenizer) for ``bench``: a checkpoint is timed
+    against its dequantized float twin; a float model is quantized here by ``scheme``."""
+    import copy
+
+    from lowbit.kernels.advice import layer_op
+    from lowbit.transforms import dequantize_
+
+    model, tok = load_any(ref, progress)
+    if any(layer_op(m) is not None for m in model.modules()):
+        if scheme is not None:
+            raise LowbitError(f"{ref} is already quantized; drop --scheme (it is timed as saved)")
+        twin = copy.deepcopy(model)
+        dequantize_(twin)
+        return twin, model, "checkpoint", tok
+    scheme = scheme or "w4g128"
+    q = copy.deepcopy(model)
+    quantize_(q, parse_scheme(scheme))
+    return model, q, scheme, tok
+
+
+def bench(
+    ref: str | os.PathLike,
+    scheme: str | None = None,
+    *,
+    batches=(1, 4, 16, 64),
+    prompt: int = 128,
+    new: int = 32,
+    rounds: int = 3,
+    layers: bool = True,
+    advice: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Float and quantized side by side: per-layer latency by backend and batch, end-to-end tokens/s
+    and memory (``lowbit.eval.bench``). ``advice``: route layers by this machine's cached advice."""
+    import torch
+
+    from lowbit.eval import bench as eb
+    from lowbit.kernels.advice import apply_advice, load_cached
+
+    if prompt < 1 or new < 2:
+        raise LowbitError(f"--prompt must be >= 1 and --new >= 2 (got {prompt}, {new})")
+    fmodel, qmodel, label, tok = _float_and_quantized(ref, scheme, progress)
+    routed = apply_advice(qmodel, load_cached()) if advice else 0
+    out: dict = {"model": str(ref), "scheme": label, "machine": eb.machine_info(), "routed_layers": routed}
+    if layers:
+        out["layers"] = eb.layer_report(qmodel, batches, rounds=max(rounds, 3))
+    if hasattr(qmodel, "generate"):
+        if tok is not None:
+            from lowbit.data import eval_tokens
+
+            ids = eval_tokens(tok, prompt)[None, :]
+        else:
+            ids = torch.randint(
+                0, qmodel.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)
+            )
+        out["end_to_end"] = eb.end_to_end({"fp32": fmodel, "quantized": qmodel}, ids, new=new, rounds=rounds)
+        out["end_to_end_setup"] = {"batch": 1, "prompt_tokens": prompt, "new_tokens": new, "rounds": rounds}
+    out["markdown"] = eb.format_report(out)
+    return out
+
+
+def advise(
+    ref: str | os.PathLike,
+    schemes=("w8", "w4g128", "w8a8"),
+    *,
+    batches=(1, 4, 16, 64),
+    refresh: bool = False,
+    rounds: int = 3,
+    progress: bool = True,
+) -> dict:
+    """Measure (and cache) the fastest scheme and backend per Linear shape of ``ref`` and batch size."""
+    from lowbit.eval import advise as ea
+    from lowbit.kernels.advice import cache_path
+
+    for s in schemes:
+        parse_scheme(s)  # bad scheme: error before any measuring
+    model, _ = load_any(ref, progress)
+    shapes = ea.linear_shapes(model)
+    if not shapes:
+        raise LowbitError(f"{ref} has no Linear layer to advise on")
+    adv = ea.advise(shapes, schemes, batches, refresh=refresh, progress=progress, rounds=rounds)
+    rows = ea.table(adv, shapes, schemes)
+    return {
+        "model": str(ref),
+        "cache": str(cache_path()),
+        "table": rows,
+        "markdown": ea.format_table(rows, schemes),
+    }

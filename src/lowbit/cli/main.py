@@ -29,8 +29,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     e.add_argument("--window", type=int, default=512, help="context window in tokens (default 512)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    for s in (q, e):
+    b = sub.add_parser(
+        "bench", help="time a quantized model against its float twin, layer by layer and end to end"
+    )
+    b.add_argument("model", help="lowbit checkpoint folder (timed as saved) or a float model reference")
+    b.add_argument("--scheme", help="for a float model: the scheme to quantize it with (default w4g128)")
+    b.add_argument("--prompt", type=int, default=128, help="prompt tokens for prefill (default 128)")
+    b.add_argument("--new", type=int, default=32, help="generated tokens for decode (default 32)")
+    b.add_argument("--no-layers", action="store_true", help="skip the per-layer backend table")
+    b.add_argument("--advice", action="store_true", help="route layers by this machine's cached advice")
+    a = sub.add_parser("advise", help="measure the fastest scheme and backend per layer shape and batch size")
+    a.add_argument("model", help="model reference or checkpoint: its Linear shapes are measured")
+    a.add_argument("--schemes", nargs="+", default=["w8", "w4g128", "w8a8"], help="schemes to compare")
+    a.add_argument("--refresh", action="store_true", help="measure again what the cache already has")
+    for s in (b, a):
+        s.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64], help="activation rows")
+        s.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
+    for s in (q, e, b, a):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+    for s in (b, a):
+        s.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
 
@@ -47,6 +65,27 @@ def _run(args: argparse.Namespace) -> dict:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
+    if args.command == "bench":
+        return workflows.bench(
+            args.model,
+            args.scheme,
+            batches=args.batches,
+            prompt=args.prompt,
+            new=args.new,
+            rounds=args.rounds,
+            layers=not args.no_layers,
+            advice=args.advice,
+            progress=not args.quiet,
+        )
+    if args.command == "advise":
+        return workflows.advise(
+            args.model,
+            args.schemes,
+            batches=args.batches,
+            refresh=args.refresh,
+            rounds=args.rounds,
+            progress=not args.quiet,
+        )
     return workflows.evaluate(
         args.model, args.task, n_tokens=args.tokens, window=args.window, progress=not args.quiet
     )
@@ -60,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1))
+    elif "markdown" in result:
+        print(result["markdown"])
     else:
         print("\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0

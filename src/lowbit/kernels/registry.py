@@ -81,12 +81,26 @@ def prepared(layer: Any, key: str, build: Callable[[], Any]) -> Any:
     return hit[1]
 
 
-def dispatch(op: str, layer: Any, device: torch.device, prefer: str | None = None) -> Callable:
-    """``select(...).fn``, remembered on ``layer`` per (op, device, preference, scale dtype): a forward
-    pays for backend selection once, not on every call."""
-    key = (op, device, prefer, layer.scale.dtype)
+def dispatch(op: str, layer: Any, x: torch.Tensor, prefer: str | None = None) -> Callable:
+    """The backend function for ``layer`` on ``x``: ``select(...).fn``, remembered on ``layer`` per (op,
+    device, choice, scale dtype), so a forward pays for selection once, not on every call.
+
+    Without ``prefer``, a layer with ``routes`` (measured advice, ``lowbit.kernels.advice``) runs the
+    routed backend for ``x``'s row count, or normal selection where that backend cannot run."""
+    name = prefer
+    routes = getattr(layer, "routes", None)
+    if name is None and routes:
+        rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+        name = next((b for limit, b in routes if rows <= limit), routes[-1][1])
+    key = (op, x.device, name, prefer is not None, layer.scale.dtype)
     memo = layer.__dict__.setdefault("_lowbit_dispatch", {})
     fn = memo.get(key)
     if fn is None:
-        fn = memo[key] = select(op, layer, device, prefer).fn
+        if prefer is None and name is not None:
+            table = _BACKENDS.get(op, {})
+            b = table.get(name)
+            fn = b.fn if b is not None and b.supports(layer, x.device) else select(op, layer, x.device).fn
+        else:
+            fn = select(op, layer, x.device, prefer).fn
+        memo[key] = fn
     return fn

@@ -7,9 +7,6 @@ row of the input (each token) is quantized to int8 with its own scale ``amax / 1
 
 from __future__ import annotations
 
-import torch
-
-from lowbit.kernels import dispatch
 from lowbit.kernels.reference import DYNAMIC_ACTIVATIONS as ACTIVATION_SPEC
 from lowbit.nn.modules import QLinear, register_qmodule
 
@@ -18,10 +15,8 @@ from lowbit.nn.modules import QLinear, register_qmodule
 class QDynamicLinear(QLinear):
     """``y = dequant(quant(x)) @ W.T + b``, ``x`` quantized per token at run time."""
 
+    KERNEL_OP = "dynamic_linear"  # QLinear.forward dispatches on it
     act_spec = ACTIVATION_SPEC
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch("dynamic_linear", self, x.device, self.backend)(x, self)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", activations int8 per token (dynamic)"

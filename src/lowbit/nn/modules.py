@@ -95,6 +95,8 @@ class QuantizedWeightModule(nn.Module):
 class QLinear(QuantizedWeightModule):
     """``y = x @ W.T + b`` with ``W (out_features, in_features)`` stored quantized."""
 
+    KERNEL_OP = "weight_only_linear"  # the op its backends implement (lowbit.kernels)
+
     def __init__(
         self,
         in_features: int,
@@ -128,7 +130,7 @@ class QLinear(QuantizedWeightModule):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch("weight_only_linear", self, x.device, self.backend)(x, self)
+        return dispatch(self.KERNEL_OP, self, x, self.backend)(x, self)
 
 
 @register_qmodule(nn.Embedding)
@@ -174,4 +176,4 @@ class QEmbedding(QuantizedWeightModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.spec.granularity, PerTensor):
             return nn.functional.embedding(ids, self.dequantized_weight(self.dtype))
-        return dispatch("embedding", self, ids.device)(ids, self).to(self.dtype)
+        return dispatch("embedding", self, ids)(ids, self).to(self.dtype)

@@ -10,10 +10,12 @@ from lowbit.transforms.configs import (
     config_from_dict,
     register_config,
 )
+from lowbit.transforms.dequantize import dequantize_
 from lowbit.transforms.quantize import HANDLERS, QuantSummary, Selector, quantize_, register_handler
 from lowbit.transforms.schemes import parse_scheme
 
 __all__ = [
+    "dequantize_",
     "CONFIGS",
     "HANDLERS",
     "Int8Dynamic",

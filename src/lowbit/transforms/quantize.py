@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lowbit.core.errors import LowbitError
+from lowbit.kernels.advice import Advice, apply_advice, load_cached
 from lowbit.transforms.configs import QuantConfig
 
 HANDLERS: dict[type[QuantConfig], Callable] = {}
@@ -33,6 +34,7 @@ class QuantSummary:
     quantized: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
+    routed: int = 0  # layers given measured backend routes (``advice``)
 
     def __str__(self) -> str:
         lines = [f"{type(self.config).__name__}: {len(self.quantized)} modules quantized"]
@@ -72,11 +74,14 @@ def quantize_(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     progress: bool = False,
+    advice: Advice | bool | None = None,
 ) -> QuantSummary:
     """Quantize ``model`` in place as ``config`` says; returns what was quantized and what stayed float.
 
     ``calib``: calibration batches for methods that need them (ignored by round-to-nearest).
     ``include``/``exclude``: module-name patterns (see ``Selector``).
+    ``advice``: an ``Advice`` (or True: this machine's cache, from ``lowbit advise``) whose measured
+    routes pick each layer's backend by batch size (``lowbit.kernels.advice``).
     """
     handler = HANDLERS.get(type(config))
     if handler is None:
@@ -85,5 +90,7 @@ def quantize_(
     summary = handler(model, config, calib, Selector(include, exclude), progress)
     if not summary.quantized:
         raise LowbitError("no quantizable layer matched (check the model and include/exclude patterns)")
+    if advice:
+        summary.routed = apply_advice(model, load_cached() if advice is True else advice)
     model.lowbit_config = config.to_dict()
     return summary

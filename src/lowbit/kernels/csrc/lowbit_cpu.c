@@ -383,6 +383,35 @@ void lb_dequant_rows(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, int64_
                      int offset, int64_t group, const void *scale, int sk, const void *zp, int zk,
                      float *out, int nthreads) {
     int64_t G = (K + group - 1) / group;
+#ifdef __AVX512F__
+    if (group % BLK == 0 || G == 1) {
+        /* 32 codes a step: load_block's two halves (4-bit: even and odd codes, interleaved back) */
+        const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t n = n0; n < n1; n++) {
+            const uint8_t *wr = w + n * row_bytes;
+            float *o = out + (n - n0) * K;
+            for (int64_t k = 0; k < K; k += BLK) {
+                int64_t g = k / group;
+                float s = scale_at(scale, sk, n * G + g), z = zp_at(zp, zk, n * G + g) - (float)offset;
+                __m512 a, b, sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+                load_block(wr, k / BLK, row_bytes, code, &a, &b);
+                if (code == CODE_U4) {
+                    __m512 t = _mm512_permutex2var_ps(a, lo_idx, b);
+                    b = _mm512_permutex2var_ps(a, hi_idx, b);
+                    a = t;
+                }
+                int64_t left = K - k;
+                __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                __mmask16 m1 = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                _mm512_mask_storeu_ps(o + k, m0, _mm512_mul_ps(_mm512_sub_ps(a, zv), sv)); /* as the reference */
+                _mm512_mask_storeu_ps(o + k + 16, m1, _mm512_mul_ps(_mm512_sub_ps(b, zv), sv));
+            }
+        }
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * row_bytes;
