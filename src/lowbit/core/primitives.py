@@ -1,5 +1,8 @@
 """The one primitive set: ``choose_qparams``, ``quantize``, ``dequantize``, ``fake_quantize``.
 
+``choose_qparams`` reduces each block to its range and calls ``qparams_from_range``, which observers
+(``lowbit.observers``) call with the range they calibrated: one qparam rule for both.
+
 Integer formats follow ONNX QuantizeLinear/DequantizeLinear exactly::
 
     q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)      # quantize
@@ -102,10 +105,38 @@ def _int_qparams(lo: Tensor, hi: Tensor, fmt: Format, spec: QuantSpec) -> tuple[
 def choose_qparams(x: Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[Tensor, Tensor | None]:
     """Scale (``spec.scale_dtype``) and zero point (code dtype, int formats only) per block of ``x``."""
     check_finite(x, name)
-    fmt = spec.fmt
     block = spec.block_size(tuple(x.shape))
     xb = to_blocks(x.float(), block)
     lo, hi = _range(xb)
+    mean_abs = None
+    if spec.fmt.name == "binary":
+        mean_abs = torch.where(torch.isnan(xb), 0.0, xb.abs()).sum(-1) / (~torch.isnan(xb)).sum(-1)
+    return _qparams(lo, hi, spec, mean_abs)
+
+
+def qparams_from_range(
+    lo: Tensor, hi: Tensor, spec: QuantSpec, *, mean_abs: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Scale and zero point of blocks whose observed values span ``[lo, hi]`` (the one qparam rule).
+
+    ``lo``/``hi``: float tensors of one shape, ``lo <= hi``; the results have that shape, the scale in
+    ``spec.scale_dtype``, the zero point in the code dtype (``None`` for float and codebook formats).
+    ``binary`` scales by the mean ``|x|`` of a block, which a range cannot give: pass ``mean_abs``.
+    """
+    if lo.shape != hi.shape:
+        raise LowbitError(f"lo shape {tuple(lo.shape)} != hi shape {tuple(hi.shape)}")
+    lo, hi = lo.float(), hi.float()
+    check_finite(torch.stack([lo, hi]), "qparams_from_range(lo, hi)")
+    if bool((lo > hi).any()):
+        raise LowbitError(f"lo > hi in {int((lo > hi).sum())} of {lo.numel()} ranges")
+    return _qparams(lo, hi, spec, mean_abs)
+
+
+def _qparams(
+    lo: Tensor, hi: Tensor, spec: QuantSpec, mean_abs: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """``qparams_from_range`` on float32 ranges already checked (``choose_qparams`` comes here directly)."""
+    fmt = spec.fmt
     const = lo == hi
     if fmt.kind == "int":
         scale, zp = _int_qparams(lo, hi, fmt, spec)
@@ -113,7 +144,9 @@ def choose_qparams(x: Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[Te
         amax = torch.maximum(lo.abs(), hi.abs()) * spec.clip_ratio
         scale = torch.ones_like(lo) if fmt.bits == 16 else amax / fmt.float_max
     elif fmt.name == "binary":
-        scale = torch.where(torch.isnan(xb), 0.0, xb.abs()).sum(-1) / (~torch.isnan(xb)).sum(-1)
+        if mean_abs is None or mean_abs.shape != lo.shape:
+            raise LowbitError("format binary scales by the mean |x| of a block: pass mean_abs (lo's shape)")
+        scale = mean_abs.float()
     else:
         scale = torch.maximum(lo.abs(), hi.abs()) * spec.clip_ratio
     if fmt.kind != "float" or fmt.bits != 16:
