@@ -152,3 +152,13 @@ def test_bf16_path_follows_the_cpu():
     expect = int("avx512_bf16" in flags.split() and native.library().lb_has_avx512() == 1)
     assert native.library().lb_has_bf16() == expect
     assert native.library("nobf16").lb_has_bf16() == 0
+
+
+@pytest.mark.parametrize("batch", [3, 40], ids=["own-kernel", "int_mm"])
+def test_w8a8_asymmetric_rows_match_reference(variant, batch):
+    """Rows that exercise the per-token zero point: constants of both signs, one-sided, zeros."""
+    fast, ref = _layers(QDynamicLinear, Int8Dynamic().linear_spec(), 24, 70)
+    x = torch.randn(batch, 70)
+    x[0], x[1], x[2] = -0.75, 2.5, torch.rand(70) * 6  # constant < 0, constant > 0, all >= 0 (post-ReLU)
+    x[-1] = 0.0
+    assert _err(fast, ref, x) <= RTOL[torch.float32]

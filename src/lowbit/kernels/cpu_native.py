@@ -4,7 +4,7 @@
 |----------------------|----------------------------------|----------------------|------------------------|
 | `weight_only_linear` | int8/uint8/int4/uint4, per chan. | fused GEMV: codes to | dequantize ~1 MiB tiles|
 |                      | or groups of 32k (any K)         | floats in registers  | of W, sgemm each tile  |
-| `dynamic_linear`     | int8 symmetric per channel       | int8 dot products    | ``torch._int_mm``      |
+| `dynamic_linear`     | int8 symmetric per channel       | u8 x s8 dot products | ``torch._int_mm``      |
 
 On CPUs with AVX512-BF16, 4-bit weights meet one or two activation rows with bf16 dot products: the
 activations are split exactly into three bf16 terms, so the products are float32's (see the C source).
@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.core.primitives import choose_qparams, quantize
 from lowbit.core.spec import PerChannel, PerGroup
 from lowbit.kernels import native
-from lowbit.kernels.registry import register_backend
+from lowbit.kernels.reference import DYNAMIC_ACTIVATIONS
+from lowbit.kernels.registry import prepared, register_backend
 
 CODES = {"int8": (0, 0), "uint8": (1, 0), "int4": (2, -8), "uint4": (2, 0)}  # (code kind, offset)
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -123,12 +125,14 @@ def _w8a8_ok(layer, device: torch.device) -> bool:
         and isinstance(g, PerChannel)
         and g.axis in (0, -2)
         and layer.scale.dtype in SCALE_KINDS
+        and layer.act_spec == DYNAMIC_ACTIVATIONS
         and native.available()
     )
 
 
 def w8a8_small(x: torch.Tensor, layer) -> torch.Tensor:
-    """float32 ``x (M, K)`` contiguous -> ``(M, N)``: per-token int8 ``x``, int8 dot products (VNNI)."""
+    """float32 ``x (M, K)`` contiguous -> ``(M, N)``: per-token uint8 ``x`` with a zero point, u8 x s8 dot
+    products (VNNI), zero-point term from the weight row sums."""
     m, n = x.shape[0], layer.rows
     y, xs = torch.empty(m, n), torch.empty(m)
     b = _bias(layer)
@@ -143,11 +147,14 @@ def w8a8_small(x: torch.Tensor, layer) -> torch.Tensor:
 
 
 def w8a8_large(x: torch.Tensor, layer) -> torch.Tensor:
-    """Same result for many rows: per-token quantization in torch, ``torch._int_mm`` (int32 accumulation)."""
-    amax = x.abs().amax(dim=1, keepdim=True)
-    s = torch.where(amax == 0, 1.0, amax / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    xq = torch.round(x / s).clamp_(-128, 127).to(torch.int8)
-    acc = torch._int_mm(xq, layer.qweight.view(torch.int8).t())
+    """Same result for many rows: per-token uint8 codes by the core primitives, shifted to int8 for
+    ``torch._int_mm`` (int32 accumulation): ``sum((q - zp) w) = sum((q - 128) w) + (128 - zp) sum(w)``."""
+    spec = layer.act_spec
+    s, zp = choose_qparams(x, spec, name="activation")
+    xq = (quantize(x, s, zp, spec, name="activation").to(torch.int16) - 128).to(torch.int8)
+    w = layer.qweight.view(torch.int8)
+    wsum = prepared(layer, "w8a8_row_sums", lambda: w.sum(1, dtype=torch.int32))
+    acc = torch._int_mm(xq, w.t()) + (128 - zp.to(torch.int32)) * wsum.reshape(1, -1)
     y = acc.float() * s * layer.scale.float().reshape(1, -1)
     return y + layer.bias.float() if layer.bias is not None else y
 

@@ -1,8 +1,9 @@
 """``QDynamicLinear``: W8A8 with dynamic activations.
 
 Weights are stored like ``QLinear``'s (int8 symmetric, one scale per output channel); at run time each
-row of the input (each token) is quantized to int8 with its own scale ``amax / 127``
-(``ACTIVATION_SPEC``), and the product accumulates in int32 on fast backends.
+row of the input (each token) is quantized to uint8 with its own scale and zero point (its range
+``[min(x, 0), max(x, 0)]`` over 255 steps, ``ACTIVATION_SPEC``), and the product accumulates in int32
+on fast backends.
 """
 
 from __future__ import annotations

@@ -432,27 +432,61 @@ void lb_dequant_rows(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, int64_
     }
 }
 
-/* W8A8: x (M, K) float32 quantized per row to int8 (scale amax / 127, round half to even), times
- * int8 W (N, K) with one scale per row, int32 accumulation. xs_out (M) receives the activation scales. */
+/* Per-row asymmetric uint8 qparams of x (K values), exactly as lowbit.core.primitives.choose_qparams
+ * gives them for QuantSpec("uint8", symmetric=False, PerToken()): the range always holds 0; a constant
+ * row c gets scale |c| (1 for zeros) and zero point 1 if c < 0 else 0; otherwise
+ * scale = hi / 255 - lo / 255 and zero point -round(lo / scale), clamped to [0, 255]. */
+static float row_qparams(const float *xr, int64_t K, int *zp_out) {
+    float mn = xr[0], mx = xr[0];
+    for (int64_t k = 1; k < K; k++) {
+        mn = fminf(mn, xr[k]);
+        mx = fmaxf(mx, xr[k]);
+    }
+    float s;
+    int zp;
+    if (mn == mx) {
+        s = fabsf(mn);
+        if (s == 0.0f) s = 1.0f;
+        zp = mn < 0.0f ? 1 : 0;
+    } else {
+        float lo = fminf(mn, 0.0f), hi = fmaxf(mx, 0.0f);
+        s = hi / 255.0f - lo / 255.0f;
+        if (s == 0.0f) s = 1.0f;
+    }
+    if (s < 1.17549435e-38f) s = 1.17549435e-38f;
+    if (mn != mx) {
+        float z = -nearbyintf(fminf(mn, 0.0f) / s);
+        zp = z < 0.0f ? 0 : (z > 255.0f ? 255 : (int)z);
+    }
+    *zp_out = zp;
+    return s;
+}
+
+/* W8A8: x (M, K) float32 quantized per row to uint8 with a zero point (row_qparams; codes
+ * clamp(round_half_even(x / s) + zp, 0, 255)), times int8 W (N, K) with one scale per row, int32
+ * accumulation: y = (sum(xq * w) - zp * sum(w)) * s * w_scale + bias. xs_out (M) receives the scales. */
 int lb_w8a8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const void *scale,
                  int sk, const float *bias, float *y, float *xs_out, int nthreads) {
     int64_t Kp = round_up(K, 64);
     uint8_t *xq = calloc((size_t)(M * Kp), 1);
-    if (!xq) return -1;
+    int32_t *zps = calloc((size_t)M, sizeof(int32_t));
+    if (!xq || !zps) {
+        free(xq);
+        free(zps);
+        return -1;
+    }
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
-        float s = amax / 127.0f;
-        if (s == 0.0f) s = 1.0f;
-        if (s < 1.17549435e-38f) s = 1.17549435e-38f;
+        int zp;
+        float s = row_qparams(xr, K, &zp);
         xs_out[m] = s;
+        zps[m] = zp;
         for (int64_t k = 0; k < K; k++) {
-            float q = nearbyintf(xr[k] / s);
-            q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-            xq[m * Kp + k] = (uint8_t)((int)q + 128); /* unsigned for u8 x s8 dot products */
+            float q = nearbyintf(xr[k] / s) + (float)zp;
+            q = q < 0.0f ? 0.0f : (q > 255.0f ? 255.0f : q);
+            xq[m * Kp + k] = (uint8_t)q;
         }
-        for (int64_t k = K; k < Kp; k++) xq[m * Kp + k] = 128; /* code 0 */
+        for (int64_t k = K; k < Kp; k++) xq[m * Kp + k] = (uint8_t)zp; /* the real 0 (W is 0 there too) */
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -480,9 +514,10 @@ int lb_w8a8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t 
                 wsum += wr[k];
             }
 #endif
-            y[m * N + n] = (float)(dot - 128 * wsum) * (xs_out[m] * sw) + bn;
+            y[m * N + n] = (float)(dot - zps[m] * wsum) * (xs_out[m] * sw) + bn;
         }
     }
     free(xq);
+    free(zps);
     return 0;
 }
