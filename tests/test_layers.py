@@ -16,8 +16,8 @@ RANK = {
     "kernels": 3,
     "nn": 4,
     "transforms": 5,
-    "models": 1,
     "data": 1,
+    "models": 2,  # bundled models may train on bundled data (lowbit.models.vision)
     "export": 6,
     "eval": 6,
     "workflows": 7,

@@ -31,7 +31,8 @@ def hf_folder(tmp_path):
 
 
 def test_unknown_name():
-    with pytest.raises(LowbitError, match="unknown model 'nope'; bundled: smollm2-135m; or pass"):
+    names = "smollm2-135m, mobilenetv2, mnist-cnn, fashion-mnist-cnn, minilm-l6, mpnet-base"
+    with pytest.raises(LowbitError, match=f"unknown model 'nope'; bundled: {names}; or pass"):
         load("nope")
 
 

