@@ -26,8 +26,8 @@ from lowbit.core import (
     QuantSpec,
 )
 from lowbit.export import load, save
-from lowbit.nn import QDynamicLinear, QEmbedding, QLinear
-from lowbit.transforms import Int8Dynamic, QuantSummary, WeightOnly, parse_scheme, quantize_
+from lowbit.nn import QDynamicLinear, QEmbedding, QLinear, QStaticConv2d, QStaticLinear
+from lowbit.transforms import Int8Dynamic, QuantSummary, StaticW8A8, WeightOnly, parse_scheme, quantize_
 
 __version__ = "0.1.0"
 
@@ -46,8 +46,11 @@ __all__ = [
     "QDynamicLinear",
     "QEmbedding",
     "QLinear",
+    "QStaticConv2d",
+    "QStaticLinear",
     "QuantSpec",
     "QuantSummary",
+    "StaticW8A8",
     "WeightOnly",
     "__version__",
     "load",

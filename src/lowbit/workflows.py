@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.export.checkpoint import QUANT_CONFIG, load, save
-from lowbit.transforms import parse_scheme, quantize_
+from lowbit.transforms import StaticW8A8, parse_scheme, quantize_
 
 TASKS = ("wiki-ppl",)
+CALIB_SOURCES = ("photos", "mnist", "fashion-mnist", "sentences")
 
 
 def load_any(ref: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, object]:
@@ -35,6 +36,45 @@ def load_any(ref: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, 
     return models.load(str(ref), progress=progress)
 
 
+def _calib_source(spec: str) -> tuple[str, int]:
+    source, _, count = spec.partition(":")
+    if source not in CALIB_SOURCES or not count.isdigit() or int(count) < 1:
+        raise LowbitError(
+            f"bad --calib {spec!r}; expected SOURCE:N with SOURCE in {', '.join(CALIB_SOURCES)}"
+        )
+    return source, int(count)
+
+
+def calibration_batches(spec: str, tokenizer=None, batch_size: int = 32) -> list:
+    """Batches for ``--calib SOURCE:N`` (N samples): ``photos`` (scikit-image crops, 224x224),
+    ``mnist`` / ``fashion-mnist`` (training images), ``sentences`` (Lee corpus, tokenized, max 128 tokens).
+    Every source is disjoint from the data lowbit evaluates on."""
+    source, _, count = spec.partition(":")
+    if source not in CALIB_SOURCES or not count.isdigit() or int(count) < 1:
+        raise LowbitError(
+            f"bad --calib {spec!r}; expected SOURCE:N with SOURCE in {', '.join(CALIB_SOURCES)}"
+        )
+    n = int(count)
+    if source == "sentences":
+        from lowbit.data.text_pairs import sentences
+
+        if tokenizer is None:
+            raise LowbitError("--calib sentences:N needs a model with a tokenizer")
+        texts = sentences("calib", n)
+        return [
+            dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=128,
+                           return_tensors="pt"))
+            for i in range(0, len(texts), batch_size)
+        ]  # fmt: skip
+    from lowbit.data import vision
+
+    if source == "photos":
+        images = vision.photo_crops("calib", n)
+    else:
+        images = (vision.mnist if source == "mnist" else vision.fashion_mnist)("train")[0][:n]
+    return list(images.split(batch_size))
+
+
 def quantize_and_save(
     ref: str,
     scheme: str,
@@ -42,17 +82,27 @@ def quantize_and_save(
     *,
     include=(),
     exclude=(),
+    calib: str | None = None,
+    observer: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Quantize model ``ref`` with ``scheme`` (e.g. ``w4g128``) and save it to ``out``; returns stats."""
+    """Quantize model ``ref`` with ``scheme`` (e.g. ``w4g128``, or ``w8a8-static`` with ``calib`` such
+    as ``photos:512`` and an ``observer``) and save it to ``out``; returns stats."""
     config = parse_scheme(scheme)
+    if observer is not None:
+        if not isinstance(config, StaticW8A8):
+            raise LowbitError("--observer applies to static schemes (w8a8-static) only")
+        config = replace(config, observer=observer)
+    if calib is not None:
+        _calib_source(calib)  # bad spec: error before loading anything
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
     model, tok = load_any(ref, progress)
+    batches = calibration_batches(calib, tok) if calib else None
     t0 = time.perf_counter()
-    summary = quantize_(model, config, include=include, exclude=exclude, progress=progress)
+    summary = quantize_(model, config, batches, include=include, exclude=exclude, progress=progress)
     seconds = time.perf_counter() - t0
     save(model, out, tokenizer=tok, overwrite=overwrite)
     from lowbit.eval.size import dir_bytes
@@ -64,6 +114,8 @@ def quantize_and_save(
         "quantized_modules": len(summary.quantized),
         "tied": summary.tied,
         "kept_float": summary.skipped,
+        "folded_batchnorm": len(summary.folded),
+        "float_ops": summary.float_ops,
         "quantize_seconds": round(seconds, 2),
         "bytes_on_disk": dir_bytes(out / "model.safetensors"),
     }
@@ -249,3 +301,21 @@ def advise(
         "table": rows,
         "markdown": ea.format_table(rows, schemes),
     }
+
+
+def export(ref: str | os.PathLike, fmt: str, out: str | os.PathLike, *, overwrite: bool = False) -> dict:
+    """Write checkpoint (or float model) ``ref`` as ``fmt`` ("onnx": QDQ) to ``out``; returns stats."""
+    from lowbit.export.onnx import example_from_spec, export_onnx
+
+    if fmt != "onnx":
+        raise LowbitError(f"unknown export format {fmt!r}; available: onnx")
+    if Path(out).exists() and not overwrite:
+        raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
+    model, _ = load_any(ref, progress=False)
+    spec = getattr(model, "lowbit_inputs", None)
+    if not spec:
+        raise LowbitError(f"{ref}: no recorded input shapes (quantize it with calibration data first)")
+    t0 = time.perf_counter()
+    path = export_onnx(model, example_from_spec(spec), out, overwrite=overwrite)
+    return {"model": str(ref), "format": fmt, "out": str(path), "bytes": path.stat().st_size,
+            "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip

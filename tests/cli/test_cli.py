@@ -59,3 +59,56 @@ def test_quantize_then_eval_smollm2(capsys, tmp_path, smollm2):
     code, text, _ = _run(capsys, "eval", out, "--task", "wiki-ppl", "--tokens", "1024", "--quiet", "--json")
     result = json.loads(text)
     assert code == 0 and 5 < result["perplexity"] < 100
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["quantize", "--model", "x", "--scheme", "w8", "--observer", "kl", "--out", "{tmp}/o"],
+            "--observer applies",
+        ),
+        (
+            [
+                "quantize",
+                "--model",
+                "x",
+                "--scheme",
+                "w8a8-static",
+                "--calib",
+                "imagenet:5",
+                "--out",
+                "{tmp}/o",
+            ],
+            "bad --calib",
+        ),
+        (
+            [
+                "quantize",
+                "--model",
+                "x",
+                "--scheme",
+                "w8a8-static",
+                "--calib",
+                "photos:0",
+                "--out",
+                "{tmp}/o",
+            ],
+            "bad --calib",
+        ),
+        (["export", "{tmp}/missing", "--out", "{tmp}/o"], "unknown model"),
+        (["export", "{tmp}/missing", "--format", "tflite", "--out", "{tmp}/o"], "unknown export format"),
+    ],
+    ids=["observer-needs-static", "unknown-calib-source", "zero-calib", "export-missing", "export-format"],
+)
+def test_static_and_export_bad_input(capsys, tmp_path, argv, message):
+    code, _, err = _run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_needs_a_rebuildable_checkpoint(capsys, tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lowbit.save(m, tmp_path / "f")
+    code, _, err = _run(capsys, "export", str(tmp_path / "f"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "config.json: missing" in err and not (tmp_path / "o").exists()

@@ -17,12 +17,22 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("--model", required=True, help="bundled name (smollm2-135m), HF folder or .gguf file")
-    q.add_argument("--scheme", required=True, help="w<bits>[g<group>][-sym|-asym], e.g. w8, w4g128")
+    q.add_argument(
+        "--scheme", required=True, help="w<bits>[g<group>][-sym|-asym] (w8, w4g128), w8a8, w8a8-static"
+    )
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--include", action="append", default=[], help="module-name glob or re:REGEX (repeatable)")
     q.add_argument("--exclude", action="append", default=[], help="module-name glob or re:REGEX (repeatable)")
+    q.add_argument("--calib", help="calibration data SOURCE:N: photos, mnist, fashion-mnist, sentences")
+    q.add_argument("--observer", help="w8a8-static: minmax, moving_average, percentile, kl or mse")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
+    x = sub.add_parser("export", help="export a checkpoint for another runtime (ONNX QDQ)")
+    x.add_argument("model", help="lowbit checkpoint folder")
+    x.add_argument("--format", default="onnx", help="onnx (QDQ, runs in ONNX Runtime)")
+    x.add_argument("--out", required=True, help="output file (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    x.add_argument("--json", action="store_true", help="print the result as JSON")
     e = sub.add_parser("eval", help="evaluate a model or a quantized checkpoint")
     e.add_argument("model", help="lowbit checkpoint folder, bundled name, HF folder or .gguf file")
     e.add_argument("--task", default="wiki-ppl", help="wiki-ppl: perplexity on held-out Wikipedia")
@@ -62,9 +72,13 @@ def _run(args: argparse.Namespace) -> dict:
             args.out,
             include=args.include,
             exclude=args.exclude,
+            calib=args.calib,
+            observer=args.observer,
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
+    if args.command == "export":
+        return workflows.export(args.model, args.format, args.out, overwrite=args.overwrite)
     if args.command == "bench":
         return workflows.bench(
             args.model,

@@ -2,7 +2,9 @@
 
 Layout of a saved folder (see docs/ARCHITECTURE.md):
 
-    quant_config.json   format, format_version, config, modules {fqn: entry}, aliases {name: canonical}
+    quant_config.json   format, format_version, config, modules {fqn: entry}, aliases {name: canonical},
+                        identity [fqns replaced by nn.Identity: folded BatchNorms, fused activations],
+                        source (bundled model name, to rebuild a skeleton), inputs (example shapes)
     model.safetensors   the model's state dict; tensors that share storage are stored once (aliases)
     config.json, tokenizer files   for Hugging Face models, so ``load`` can rebuild the skeleton
 
@@ -56,6 +58,9 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwr
         "config": getattr(model, "lowbit_config", None),
         "modules": modules,
         "aliases": aliases,
+        "identity": list(getattr(model, "lowbit_identity", [])),
+        "source": getattr(model, "lowbit_source", None),
+        "inputs": getattr(model, "lowbit_inputs", None),
     }
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
@@ -100,19 +105,25 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable or corrupted ({e})") from None
 
 
-def _skeleton(folder: Path) -> nn.Module:
-    """An empty (meta-device parameters) Hugging Face model built from ``config.json``."""
+def _skeleton(folder: Path, source: str | None) -> nn.Module:
+    """The model to load into: a bundled vision model's architecture (by ``source``), else an empty
+    (meta-device parameters) Hugging Face model built from ``config.json``."""
+    from lowbit.models.vision import VISION_MODELS
+
+    if source in VISION_MODELS:
+        return VISION_MODELS[source].build().eval()
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder / 'config.json'}: missing; pass model= to load into your own module")
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     try:
         cfg = AutoConfig.from_pretrained(str(folder))
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    causal = any(a.endswith("ForCausalLM") for a in cfg.architectures or ["ForCausalLM"])
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        return (AutoModelForCausalLM if causal else AutoModel).from_config(cfg, dtype=torch.float32)
 
 
 def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -122,17 +133,21 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     meta = read_quant_config(folder)
     tensors = _read_tensors(folder)
-    model = model if model is not None else _skeleton(folder)
+    model = model if model is not None else _skeleton(folder, meta.get("source"))
+    for fqn in meta.get("identity", []):
+        _module(model, fqn, folder)
+        model.set_submodule(fqn, nn.Identity())
+    model.lowbit_identity = list(meta.get("identity", []))
+    for key in ("source", "inputs"):
+        if meta.get(key) is not None:
+            setattr(model, f"lowbit_{key}", meta[key])
     for fqn, entry in meta["modules"].items():
         cls = QMODULES.get(entry.get("type"))
         if cls is None:
             raise CheckpointError(
                 f"{folder / QUANT_CONFIG}: module {fqn}: unknown type {entry.get('type')!r}"
             )
-        try:
-            model.get_submodule(fqn)
-        except AttributeError:
-            raise CheckpointError(f"{folder / QUANT_CONFIG}: module {fqn} not in the model") from None
+        _module(model, fqn, folder)
         model.set_submodule(fqn, cls.from_entry(entry))
     for alias, canonical in meta.get("aliases", {}).items():
         if canonical not in tensors:
@@ -141,6 +156,13 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
     _assign(model, tensors, folder / WEIGHTS)
     model.lowbit_config = meta.get("config")
     return model.eval()
+
+
+def _module(model: nn.Module, fqn: str, folder: Path) -> nn.Module:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        raise CheckpointError(f"{folder / QUANT_CONFIG}: module {fqn} not in the model") from None
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

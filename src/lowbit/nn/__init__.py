@@ -9,8 +9,22 @@ from lowbit.nn.modules import (
     QuantizedWeightModule,
     register_qmodule,
 )
+from lowbit.nn.static import (
+    ACTIVATION_SPECS,
+    STATIC_FLOAT_TO_Q,
+    WEIGHT_SPEC,
+    QStaticConv2d,
+    QStaticLinear,
+    StaticActivations,
+)
 
 __all__ = [
+    "ACTIVATION_SPECS",
+    "STATIC_FLOAT_TO_Q",
+    "WEIGHT_SPEC",
+    "QStaticConv2d",
+    "QStaticLinear",
+    "StaticActivations",
     "ACTIVATION_SPEC",
     "FLOAT_TO_Q",
     "QMODULES",

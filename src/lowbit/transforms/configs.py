@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 from lowbit.core.errors import FormatVersionError, LowbitError
 from lowbit.core.spec import PerChannel, PerGroup, QuantSpec
+from lowbit.observers import OBSERVERS
 
 CONFIGS: dict[str, type[QuantConfig]] = {}
 
@@ -115,3 +116,46 @@ class Int8Dynamic(QuantConfig):
 
     def embedding_spec(self) -> QuantSpec | None:
         return self.linear_spec() if self.quantize_embeddings else None
+
+
+@register_config
+@dataclass(frozen=True)
+class StaticW8A8(QuantConfig):
+    """Static W8A8 post-training quantization of Linear and Conv2d layers (depthwise included).
+
+    Weights: int8 symmetric, one scale per output channel. Activations: one scale and zero point per
+    tensor for each layer's input and output, fixed by running ``calib`` batches through the float
+    model with observers attached (``lowbit.observers``).
+
+    observer: activation observer, "minmax" | "moving_average" | "percentile" | "kl" | "mse".
+    percentile: for observer="percentile", the kept percentile (e.g. 99.99).
+    weight_observer: "minmax" (absmax per channel) or "mse" (clipping searched per channel).
+    activation_format: "uint8" (asymmetric, ONNX Runtime's default) or "int8" (symmetric).
+    fold_bn: fold each BatchNorm2d into the Conv2d before it first (``fold_batchnorm_``).
+    fuse_activations: with uint8 activations, a ReLU/ReLU6 right after a layer is absorbed into that
+        layer's output range (see ``lowbit.transforms.static``).
+    int8_outputs: which layers requantize their output to int8 codes for the next layer: "conv"
+        (Conv2d; Linear outputs stay float32, as they feed residual adds, LayerNorm, softmax or logits),
+        "all" or "none". Float outputs cost no output observer and no output rounding.
+    """
+
+    observer: str = "minmax"
+    percentile: float = 99.99
+    weight_observer: str = "minmax"
+    activation_format: str = "uint8"
+    fold_bn: bool = True
+    fuse_activations: bool = True
+    int8_outputs: str = "conv"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.activation_format not in ("uint8", "int8"):
+            raise LowbitError(f"activation_format must be 'uint8' or 'int8', got {self.activation_format!r}")
+        if self.int8_outputs not in ("conv", "all", "none"):
+            raise LowbitError(f"int8_outputs must be 'conv', 'all' or 'none', got {self.int8_outputs!r}")
+        if self.observer not in OBSERVERS:
+            raise LowbitError(f"unknown observer {self.observer!r}; known: {', '.join(sorted(OBSERVERS))}")
+        if self.weight_observer not in ("minmax", "mse"):
+            raise LowbitError(f"weight_observer must be 'minmax' or 'mse', got {self.weight_observer!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise LowbitError(f"percentile must be in (50, 100], got {self.percentile}")

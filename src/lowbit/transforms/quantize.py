@@ -35,11 +35,21 @@ class QuantSummary:
     skipped: dict[str, str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
     routed: int = 0  # layers given measured backend routes (``advice``)
+    folded: dict[str, str] = field(default_factory=dict)  # BatchNorm fqn -> the conv it was folded into
+    fused: dict[str, str] = field(default_factory=dict)  # activation fqn -> the layer whose range absorbs it
+    float_ops: dict[str, int] = field(default_factory=dict)  # module type -> count of leaf modules left float
 
     def __str__(self) -> str:
         lines = [f"{type(self.config).__name__}: {len(self.quantized)} modules quantized"]
+        if self.folded:
+            lines.append(f"  folded: {len(self.folded)} BatchNorm layers into their convs")
+        if self.fused:
+            lines.append(f"  fused: {len(self.fused)} ReLU/ReLU6 into the output range of the layer before")
         lines += [f"  tied: {a} shares {b}" for a, b in self.tied.items()]
         lines += [f"  kept float: {k} ({v})" for k, v in self.skipped.items()]
+        if self.float_ops:
+            ops = ", ".join(f"{k} x{v}" for k, v in self.float_ops.items())
+            lines.append(f"  float ops: {ops}; functional ops between layers (adds, attention matmuls) too")
         return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@
 | `w4g64-sym`  | int4 symmetric, groups of 64                                      |
 | `w4g128e8`   | as w4g128, but embedding tables (and a tied LM head) 8-bit per row |
 | `w8a8`       | ``Int8Dynamic()``: int8 weights per channel, int8 activations per token |
+| `w8a8-static`| ``StaticW8A8()``: activation ranges fixed by calibration (needs data) |
 
 Without a suffix, 8-bit schemes are symmetric and lower bit widths asymmetric. Bits: 2..8.
 Without ``e``, embeddings use the Linear layers' bits and group size.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import re
 
 from lowbit.core.errors import LowbitError
-from lowbit.transforms.configs import Int8Dynamic, QuantConfig, WeightOnly
+from lowbit.transforms.configs import Int8Dynamic, QuantConfig, StaticW8A8, WeightOnly
 
 _SCHEME = re.compile(r"w(?P<bits>\d)(?:g(?P<group>\d+))?(?:e(?P<emb>\d))?(?P<sym>-sym|-asym)?")
 
@@ -26,11 +27,13 @@ def parse_scheme(scheme: str) -> QuantConfig:
     """The config a scheme string names (table in the module docstring)."""
     if scheme.strip().lower() == "w8a8":
         return Int8Dynamic()
+    if scheme.strip().lower() == "w8a8-static":
+        return StaticW8A8()
     m = _SCHEME.fullmatch(scheme.strip().lower())
     if not m:
         raise LowbitError(
-            f"unknown scheme {scheme!r}; expected w<bits>[g<group>][e<bits>][-sym|-asym] or w8a8, "
-            "e.g. w8, w4g128"
+            f"unknown scheme {scheme!r}; expected w<bits>[g<group>][e<bits>][-sym|-asym], w8a8 or "
+            "w8a8-static, e.g. w8, w4g128"
         )
     bits = int(m["bits"])
     group = int(m["group"]) if m["group"] else None

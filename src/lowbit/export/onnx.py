@@ -1,0 +1,294 @@
+"""ONNX export: a QDQ model that ONNX Runtime runs (and ``onnx.reference`` evaluates).
+
+The model's float twin (static layers replaced by float layers holding their dequantized weights) is
+exported with torch's TorchScript exporter, keeping parameter names. Then, for every ``QStaticConv2d``
+/ ``QStaticLinear`` ``fqn`` (weight initializer ``fqn.weight``), the graph is rewritten the way ONNX
+Runtime's own quantizer writes QDQ models:
+
+| where             | inserted                                                                       |
+|-------------------|--------------------------------------------------------------------------------|
+| weight            | int8 initializer + DequantizeLinear (per output channel)                       |
+| bias              | int32 initializer ``round(b / (x_scale * w_scale))`` + DequantizeLinear        |
+| input activation  | QuantizeLinear -> DequantizeLinear with the calibrated input qparams            |
+| output activation | QuantizeLinear -> DequantizeLinear with the calibrated output qparams           |
+|                   | (layers with ``requantize_output`` False: none, and the bias stays float)      |
+
+Exported layer patterns: ``Conv``, ``Gemm`` (2-d Linear) and ``Transpose(W) -> MatMul -> Add(b)``
+(Linear on 3-d input). ONNX Runtime fuses ``DQ -> Conv -> Q`` into QLinearConv, and so on.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.core.codec import decode
+from lowbit.core.errors import LowbitError
+from lowbit.core.fsio import atomic_write_bytes
+from lowbit.kernels.integer import integer_params
+from lowbit.nn.modules import QuantizedWeightModule
+from lowbit.nn.static import QStaticConv2d, QStaticLinear
+
+OPSET = 19  # per-axis DequantizeLinear in onnx.reference needs opset 19
+
+
+def float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """Deep copy of ``model`` with static layers as float Conv2d/Linear; returns (twin, {fqn: static})."""
+    twin = copy.deepcopy(model)
+    static: dict[str, nn.Module] = {}
+    for fqn, m in list(twin.named_modules()):
+        if isinstance(m, (QStaticConv2d, QStaticLinear)):
+            static[fqn] = m
+            twin.set_submodule(fqn, _float_layer(m))
+        elif isinstance(m, QuantizedWeightModule):
+            raise LowbitError(
+                f"ONNX export covers float and StaticW8A8 models; {fqn} is {type(m).__name__} "
+                "(weight-only and dynamic layers are not exported yet)"
+            )
+    return twin, static
+
+
+def _float_layer(q: nn.Module) -> nn.Module:
+    w = q.dequantized_weight(torch.float32)
+    if isinstance(q, QStaticConv2d):
+        c = q.conv
+        m = nn.Conv2d(c["in_channels"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"],
+                      c["dilation"], c["groups"], bias=q.bias is not None)  # fmt: skip
+        w = w.reshape(q.weight_shape)
+    else:
+        m = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+    m.weight = nn.Parameter(w, requires_grad=False)
+    if q.bias is not None:
+        m.bias = nn.Parameter(q.bias.detach().float().clone(), requires_grad=False)
+    return m
+
+
+def example_from_spec(spec: dict) -> torch.Tensor | dict[str, torch.Tensor]:
+    """One-row example inputs from ``input_spec`` output (recorded at calibration, saved in checkpoints).
+
+    Float inputs are seeded normal noise, integer inputs ones (a valid token id); an ``attention_mask``
+    gets a 0 in its last position so the exported graph keeps the masking path."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, s in spec.items():
+        shape, dtype = [1, *s["shape"][1:]], getattr(torch, s["dtype"])
+        t = (
+            torch.randn(shape, generator=g).to(dtype)
+            if dtype.is_floating_point
+            else torch.ones(shape, dtype=dtype)
+        )
+        if name == "attention_mask" and t.dim() == 2 and t.shape[1] > 1:
+            t[:, -1] = 0
+        out[name] = t
+    return out["input"] if list(out) == ["input"] else out
+
+
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (float or StaticW8A8) as ONNX to ``path`` atomically; returns the path.
+
+    ``example``: one input batch (a tensor, or a mapping of named tensors such as tokenizer output).
+    Dimension 0 of every input is dynamic, and so is dimension 1 of 2-d named inputs (sequence length).
+    """
+    import onnx
+
+    twin, static = float_twin(model)
+    graph_bytes = _torch_export(twin.eval(), example)
+    proto = onnx.load_from_string(graph_bytes)
+    rewriter = _QDQRewriter(proto)
+    for fqn, q in static.items():
+        rewriter.quantize_layer(fqn, q)
+    rewriter.finish()
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(path, proto.SerializeToString(), overwrite)
+    return Path(path)
+
+
+def _torch_export(model: nn.Module, example) -> bytes:
+    names = list(example) if isinstance(example, dict) else ["input"]
+    tensors = list(example.values()) if isinstance(example, dict) else [example]
+    axes = {}
+    for n, t in zip(names, tensors, strict=True):
+        axes[n] = {0: "batch"} | ({1: "sequence"} if t.dim() == 2 and isinstance(example, dict) else {})
+
+    class Wrapped(nn.Module):  # positional inputs in a fixed order, one tensor out
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            out = self.model(**dict(zip(names, args, strict=True))) if isinstance(example, dict) else (
+                self.model(*args))  # fmt: skip
+            return out if isinstance(out, torch.Tensor) else out[0]
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Wrapped(), tuple(tensors), buf, dynamo=False, opset_version=OPSET, do_constant_folding=False,
+            input_names=names, output_names=["output"], dynamic_axes=axes | {"output": {0: "batch"}},
+        )  # fmt: skip
+    return buf.getvalue()
+
+
+class _QDQRewriter:
+    """In-place QDQ rewrite of an exported graph, layer by layer (see the module docstring)."""
+
+    def __init__(self, proto) -> None:
+        self.graph = proto.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.new_nodes: list = []  # inserted nodes; ``finish`` puts everything in topological order
+        self.dropped: set[str] = set()  # first outputs of removed nodes (protobuf wrappers have no stable id)
+        self.pruned: list[str] = []  # static layers absent from the graph (e.g. an unused pooler)
+
+    def _producer_consumers(self, name: str):
+        return [n for n in self.graph.node if name in n.input]
+
+    def quantize_layer(self, fqn: str, q: nn.Module) -> None:
+        wname = f"model.{fqn}.weight"  # the exporter wraps the model as .model
+        users = self._producer_consumers(wname)
+        if not users:  # the exporter pruned it: its output never reaches the graph's output
+            self.pruned.append(fqn)
+            return
+        if len(users) != 1:
+            raise LowbitError(f"ONNX export: cannot find the layer {fqn} in the exported graph")
+        node = users[0]
+        if node.op_type in ("Conv", "Gemm"):
+            self._weight_axis0(fqn, q, node, wname)
+            self._activation(fqn, q, node, node.output[0])
+        elif node.op_type == "Transpose":
+            self._transposed_matmul(fqn, q, node, wname)
+        else:
+            raise LowbitError(f"ONNX export: {fqn} exported as {node.op_type}, which lowbit cannot quantize")
+
+    # -- pieces -------------------------------------------------------------------------------------
+
+    def _add_init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def _dq(self, src: str, scale: str, zp: str, out: str, axis: int | None = None) -> None:
+        from onnx import helper
+
+        kw = {"axis": axis} if axis is not None else {}
+        self.new_nodes.append(helper.make_node("DequantizeLinear", [src, scale, zp], [out], **kw))
+
+    def _qdq(self, src: str, out: str, scale: float, zp: np.ndarray, tag: str) -> None:
+        from onnx import helper
+
+        s = self._add_init(f"{tag}_scale", np.array(scale, np.float32))
+        z = self._add_init(f"{tag}_zero_point", zp)
+        self.new_nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [f"{tag}_q"]))
+        self._dq(f"{tag}_q", s, z, out)
+
+    def _weights(self, fqn: str, q, transpose: bool) -> tuple[str, str, str]:
+        codes = decode(q.qweight, q.spec.fmt, q.cols).numpy()
+        codes = codes.reshape(q.weight_shape) if isinstance(q, QStaticConv2d) else codes
+        codes = np.ascontiguousarray(codes.T) if transpose else codes
+        w = self._add_init(f"{fqn}.weight_quantized", codes.astype(np.int8))
+        s = self._add_init(f"{fqn}.weight_scale", q.scale.float().reshape(-1).numpy())
+        z = self._add_init(f"{fqn}.weight_zero_point", np.zeros(q.rows, np.int8))
+        return w, s, z
+
+    def _bias(self, fqn: str, q) -> str:
+        _, bias_q, _, _ = integer_params(q)
+        b = self._add_init(f"{fqn}.bias_quantized", bias_q.numpy().astype(np.int32))
+        bs = (q.input_scale.double() * q.scale.double().reshape(-1)).float().numpy()
+        s = self._add_init(f"{fqn}.bias_scale", bs)
+        z = self._add_init(f"{fqn}.bias_zero_point", np.zeros(q.rows, np.int32))
+        self._dq(b, s, z, f"{fqn}.bias_dq", axis=0)
+        return f"{fqn}.bias_dq"
+
+    def _input(self, fqn: str, q, node, index: int) -> None:
+        src = node.input[index]
+        zp = q.input_zero_point.numpy().copy()
+        self._qdq(src, f"{fqn}.input_dq", float(q.input_scale), zp, f"{fqn}.input")
+        node.input[index] = f"{fqn}.input_dq"
+
+    def _activation(self, fqn: str, q, node, out_name: str) -> None:
+        """Input Q/DQ before ``node``; output Q/DQ after ``out_name`` (consumers keep reading its name)."""
+        self._input(fqn, q, node, 0)
+        if not q.requantize_output:
+            return
+        producer = next(n for n in self.graph.node if out_name in n.output)
+        raw = f"{fqn}.output_float"
+        producer.output[list(producer.output).index(out_name)] = raw
+        zp = q.output_zero_point.numpy().copy()
+        self._qdq(raw, out_name, float(q.output_scale), zp, f"{fqn}.output")
+
+    def _weight_axis0(self, fqn: str, q, node, wname: str) -> None:
+        w, s, z = self._weights(fqn, q, transpose=False)
+        self._dq(w, s, z, f"{fqn}.weight_dq", axis=0)
+        node.input[1] = f"{fqn}.weight_dq"
+        if q.bias is not None and q.requantize_output:
+            node.input[2] = self._bias(fqn, q)
+            self._drop_init(f"model.{fqn}.bias")
+        self._drop_init(wname)
+
+    def _transposed_matmul(self, fqn: str, q, transpose, wname: str) -> None:
+        (matmul,) = self._producer_consumers(transpose.output[0])
+        w, s, z = self._weights(fqn, q, transpose=True)
+        self._dq(w, s, z, f"{fqn}.weight_dq", axis=1)
+        matmul.input[1] = f"{fqn}.weight_dq"
+        self.dropped.add(transpose.output[0])
+        self._drop_init(wname)
+        out = matmul.output[0]
+        if q.bias is not None:
+            (add,) = self._producer_consumers(out)
+            out = add.output[0]
+        self._activation(fqn, q, matmul, out)
+
+    def _drop_init(self, name: str) -> None:
+        if name in self.inits:
+            self.graph.initializer.remove(self.inits.pop(name))
+
+    def finish(self) -> None:
+        """Replace the node list: kept nodes plus inserted ones, in topological order."""
+        nodes = [n for n in self.graph.node if n.output[0] not in self.dropped] + self.new_nodes
+        ordered = _toposort(nodes, self.graph)
+        del self.graph.node[:]
+        self.graph.node.extend(ordered)
+
+
+def _toposort(nodes: list, graph) -> list:
+    """Kahn's algorithm, ties broken by list position (so the exporter's order survives where it can)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
+    waiting = [{p for p in (producer.get(x) for x in n.input if x not in known) if p is not None}
+               for n in nodes]  # fmt: skip
+    for n in nodes:
+        missing = [x for x in n.input if x not in known and x not in producer]
+        if missing:
+            raise LowbitError(f"ONNX export: {n.op_type} node reads {missing[0]!r}, which nothing produces")
+    users: dict[int, list[int]] = {}
+    for i, deps in enumerate(waiting):
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    heap = [i for i, deps in enumerate(waiting) if not deps]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        i = heapq.heappop(heap)
+        out.append(nodes[i])
+        for u in users.get(i, []):
+            waiting[u].discard(i)
+            if not waiting[u]:
+                heapq.heappush(heap, u)
+    if len(out) != len(nodes):
+        raise LowbitError("ONNX export: the rewritten graph has a cycle")
+    return out

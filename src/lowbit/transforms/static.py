@@ -1,0 +1,109 @@
+"""Handler for ``StaticW8A8``: fold BatchNorm, calibrate activation ranges, swap in static W8A8 layers.
+
+Steps: BatchNorm2d folded into the preceding conv (``fold_batchnorm_``); observers attached to the
+input and output of every selected ``nn.Linear``/``nn.Conv2d`` while ``calib`` runs through the float
+model; weights quantized per output channel; each layer replaced by ``QStaticLinear``/``QStaticConv2d``
+holding its calibrated qparams. Everything else stays float and is listed in the summary (layers
+the calibration never reached are kept float too, with that reason).
+
+Activation fusion (uint8 activations): a layer directly followed by ReLU/ReLU6 (``fusable_activations``)
+has its output observed after the activation. Its output range then starts at 0 (zero point 0) and ends
+at most at 6, so the codes themselves apply the activation, which becomes ``nn.Identity``: the layer's
+output quantization no longer wastes half its codes on negatives, and the next layer's input (the same
+tensor, seen by the same kind of observer) gets the same qparams, as ONNX Runtime's fused graphs want.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms.rtn import QuantizedTensor
+from lowbit.core.errors import LowbitError
+from lowbit.core.primitives import quantize
+from lowbit.nn.static import ACTIVATION_SPECS, STATIC_FLOAT_TO_Q, WEIGHT_SPEC
+from lowbit.observers import make_observer
+from lowbit.transforms.calibrate import observing, run_batches
+from lowbit.transforms.configs import StaticW8A8
+from lowbit.transforms.fold import fold_batchnorm_, fusable_activations
+from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
+
+
+def _observer(config: StaticW8A8, spec, fqn: str):
+    opts = {"percentile": config.percentile} if config.observer == "percentile" else {}
+    return make_observer(config.observer, spec, name=fqn, **opts)
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, method: str, name: str) -> QuantizedTensor:
+    """int8 symmetric per-output-channel codes of ``weight (out, ...)`` held as ``(out, prod(...))`` rows."""
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    obs = make_observer(method, WEIGHT_SPEC, name=name)
+    obs.update(w)
+    scale, zp = obs.qparams()
+    scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
+    return QuantizedTensor(quantize(w, scale, zp, WEIGHT_SPEC, name), scale, zp, WEIGHT_SPEC)
+
+
+@register_handler(StaticW8A8)
+def static_w8a8(
+    model: nn.Module, config: StaticW8A8, calib, select: Selector, progress: bool
+) -> QuantSummary:
+    """Quantize ``model`` in place: see the module docstring."""
+    summary = QuantSummary(config)
+    if config.fold_bn:
+        summary.folded = {bn: conv for conv, bn in fold_batchnorm_(model)}
+    act_spec = ACTIVATION_SPECS[config.activation_format]
+    targets = {f: m for f, m in model.named_modules() if type(m) in STATIC_FLOAT_TO_Q and select(f)}
+    int8_out = {f for f, m in targets.items() if _int8_output(config, m)}
+    fuse = config.fuse_activations and not act_spec.symmetric
+    fused = fusable_activations(model, int8_out) if fuse else {}
+    ins = {f: _observer(config, act_spec, f) for f in targets}
+    outs = {f: _observer(config, act_spec, f) for f in int8_out}
+    with observing(model, ins, {fused.get(f, f): obs for f, obs in outs.items()}):
+        _, spec = run_batches(model, calib, progress)
+    for fqn, m in tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress):
+        in_obs, out_obs = ins[fqn], outs.get(fqn)
+        if in_obs.batches == 0:
+            summary.skipped[fqn] = "no calibration batch reached it"
+            continue
+        try:
+            q = STATIC_FLOAT_TO_Q[type(m)].from_float(m, WEIGHT_SPEC, act_spec)
+        except LowbitError as e:
+            summary.skipped[fqn] = str(e)
+            continue
+        q.set_weight(quantize_weight(m.weight, config.weight_observer, f"{fqn}.weight"))
+        if m.bias is not None:
+            q.bias = m.bias.detach().clone()
+        q.set_activation_qparams("input", *in_obs.qparams())
+        q.requantize_output = out_obs is not None
+        if out_obs is not None:
+            q.set_activation_qparams("output", *out_obs.qparams())
+        model.set_submodule(fqn, q)
+        summary.quantized[fqn] = q.extra_repr()
+        if fqn in fused:
+            model.set_submodule(fused[fqn], nn.Identity())
+            summary.fused[fused[fqn]] = fqn
+    summary.float_ops = _float_ops(model)
+    gone = set(summary.folded) | set(summary.fused)  # modules now nn.Identity: saved, so load can match
+    model.lowbit_identity = sorted(set(getattr(model, "lowbit_identity", ())) | gone)
+    model.lowbit_inputs = spec  # shapes/dtypes of a calibration batch: an export example
+    return summary
+
+
+def _int8_output(config: StaticW8A8, m: nn.Module) -> bool:
+    return config.int8_outputs == "all" or (config.int8_outputs == "conv" and isinstance(m, nn.Conv2d))
+
+
+def _float_ops(model: nn.Module) -> dict[str, int]:
+    """Leaf module types left float, with counts (``nn.Identity`` left by BatchNorm folding not counted)."""
+    static = tuple(set(STATIC_FLOAT_TO_Q.values()))
+    kinds = Counter(
+        type(m).__name__
+        for m in model.modules()
+        if not list(m.children()) and not isinstance(m, static) and type(m) is not nn.Identity
+    )
+    return dict(sorted(kinds.items()))

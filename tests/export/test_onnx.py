@@ -1,0 +1,112 @@
+"""ONNX QDQ export: ONNX Runtime and onnx.reference run it and agree with lowbit's own integer forward.
+
+Measured on these nets: ONNX Runtime and onnx.reference outputs equal lowbit's bit for bit; the
+tolerance (two output steps) leaves room for the one-code requantization ties documented in
+``lowbit.core.fixed_point``.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import LowbitError, StaticW8A8, quantize_
+from lowbit.export import export_onnx
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+from onnx.reference import ReferenceEvaluator  # noqa: E402
+from tests.transforms.test_static import _batches, _cnn  # noqa: E402
+
+
+class Encoderish(nn.Module):
+    """Token embedding, a 3-d Linear (exported as Transpose -> MatMul -> Add), LayerNorm, GELU, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb, self.up = nn.Embedding(50, 16), nn.Linear(16, 32)
+        self.norm, self.down = nn.LayerNorm(32), nn.Linear(32, 8, bias=False)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return self.down(nn.functional.gelu(self.norm(self.up(h))))
+
+
+def _ids(b, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 50, (b, s), generator=g), "attention_mask": torch.ones(b, s)}
+
+
+def _ort(path, feeds):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_cnn_qdq_matches_lowbit(tmp_path):
+    net = _cnn()
+    quantize_(net, StaticW8A8(), calib=_batches())
+    x = torch.randn(6, 1, 12, 12)
+    path = export_onnx(net, x[:1], tmp_path / "cnn.onnx")
+    ops = _ops(path)
+    assert ops.count("QuantizeLinear") == 7 and "BatchNormalization" not in ops  # Linear: float output
+    with torch.no_grad():
+        ours = net(x).numpy()
+    tol = 1e-5 * np.abs(ours).max()  # float32 rounding of the last (float-output) layer; codes equal
+    assert np.abs(_ort(path, {"input": x}) - ours).max() <= tol
+    ref = ReferenceEvaluator(str(path)).run(None, {"input": x.numpy()})[0]
+    assert np.abs(ref - ours).max() <= tol
+
+
+def test_int8_outputs_everywhere(tmp_path):
+    net = _cnn()
+    quantize_(net, StaticW8A8(int8_outputs="all"), calib=_batches())
+    x = torch.randn(6, 1, 12, 12)
+    path = export_onnx(net, x[:1], tmp_path / "cnn.onnx")
+    assert _ops(path).count("QuantizeLinear") == 8
+    with torch.no_grad():
+        ours = net(x).numpy()
+    assert np.abs(_ort(path, {"input": x}) - ours).max() <= 2 * float(net[6].output_scale)
+
+
+def test_encoder_qdq_with_named_inputs(tmp_path):
+    model = Encoderish().eval()
+    quantize_(model, StaticW8A8(observer="percentile"), calib=[_ids(4, 7, s) for s in range(3)])
+    path = export_onnx(model, _ids(1, 5, 9), tmp_path / "enc.onnx")
+    assert "Transpose" not in _ops(path)  # weights stored transposed, int8
+    feeds = _ids(3, 11, 10)  # other batch and sequence sizes: dynamic axes
+    with torch.no_grad():
+        ours = model(**feeds).numpy()
+    assert np.abs(_ort(path, feeds) - ours).max() <= 1e-5 * np.abs(ours).max()
+
+
+def test_float_model_exports_as_is(tmp_path):
+    net = _cnn()
+    x = torch.randn(2, 1, 12, 12)
+    path = export_onnx(net, x, tmp_path / "f.onnx")
+    assert "QuantizeLinear" not in _ops(path)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(path, {"input": x}), net(x).numpy(), atol=1e-5)
+
+
+def test_weight_only_models_are_refused(tmp_path):
+    net = nn.Sequential(nn.Linear(8, 8))
+    quantize_(net, lowbit.WeightOnly(bits=8, group_size=None))
+    with pytest.raises(LowbitError, match="weight-only and dynamic layers are not exported"):
+        export_onnx(net, torch.randn(1, 8), tmp_path / "w.onnx")
+    assert not (tmp_path / "w.onnx").exists()
+
+
+def test_existing_output_is_kept(tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep")
+    with pytest.raises(LowbitError, match="already exists"):
+        export_onnx(_cnn(), torch.randn(1, 1, 12, 12), out)
+    assert out.read_bytes() == b"keep"
+    export_onnx(_cnn(), torch.randn(1, 1, 12, 12), out, overwrite=True)
+    assert out.read_bytes() != b"keep" and not list(tmp_path.glob(".m.onnx.tmp-*"))

@@ -1,0 +1,57 @@
+"""Static W8A8 on the bundled real models, end to end: calibrate, quantize, save, load, export, run in
+ONNX Runtime. Accuracy targets are measured in full by benchmarks/static_ptq.py; here, on slices."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli.main import main
+from lowbit.eval import accuracy
+
+ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow
+
+
+def test_mnist_cnn_cli_quantize_export_run(tmp_path, capsys):
+    out, onnx_path = tmp_path / "q", tmp_path / "m.onnx"
+    argv = ["quantize", "--model", "mnist-cnn", "--scheme", "w8a8-static", "--calib", "mnist:256",
+            "--observer", "percentile", "--out", str(out), "--quiet", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["quantized_modules"] == 7 and stats["folded_batchnorm"] == 6
+    assert main(["export", str(out), "--out", str(onnx_path), "--json"]) == 0
+    capsys.readouterr()
+    images, labels = lowbit.data.mnist("test")
+    images, labels = images[:2000], labels[:2000]
+    float_model, _ = lowbit.models.load("mnist-cnn")
+    q = lowbit.load(out)  # skeleton rebuilt from the checkpoint's source name
+    base, quant = accuracy(float_model, images, labels), accuracy(q, images, labels)
+    assert quant >= base - 0.3  # full test set in benchmarks/: drop <= 0.2 points
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": images[:500].numpy()})[0]
+    with torch.no_grad():
+        ours = q(images[:500]).numpy()
+    assert (logits.argmax(1) == ours.argmax(1)).mean() >= 0.998
+    assert np.abs(logits - ours).max() <= 2 * float(q.classifier.output_scale)
+
+
+def test_minilm_static_keeps_embeddings(tmp_path):
+    from lowbit.models import embed
+
+    model, tok = lowbit.models.load("minilm-l6")
+    texts = lowbit.data.sentences("eval", 48)
+    ref = embed(model, tok, texts)
+    calib = [dict(tok(lowbit.data.sentences("calib", 128)[i : i + 32], padding=True, return_tensors="pt"))
+             for i in range(0, 128, 32)]  # fmt: skip
+    summary = lowbit.quantize_(model, lowbit.StaticW8A8(observer="mse"), calib)
+    assert len(summary.quantized) == 37  # 6 layers x 6 Linear + pooler
+    cos = torch.nn.functional.cosine_similarity(embed(model, tok, texts), ref)
+    assert float(cos.mean()) > 0.985  # 96 sentences, 256 calibration: 0.9935 measured (mse)
+    lowbit.save(model, tmp_path / "enc", tokenizer=tok)
+    back = lowbit.load(tmp_path / "enc")
+    batch = dict(tok(texts[:4], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert torch.equal(back(**batch).last_hidden_state, model(**batch).last_hidden_state)
