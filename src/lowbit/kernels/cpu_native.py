@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.core.primitives import choose_qparams, quantize
 from lowbit.core.spec import PerChannel, PerGroup
 from lowbit.kernels import native
 from lowbit.kernels.reference import DYNAMIC_ACTIVATIONS
@@ -147,11 +146,15 @@ def w8a8_small(x: torch.Tensor, layer) -> torch.Tensor:
 
 
 def w8a8_large(x: torch.Tensor, layer) -> torch.Tensor:
-    """Same result for many rows: per-token uint8 codes by the core primitives, shifted to int8 for
-    ``torch._int_mm`` (int32 accumulation): ``sum((q - zp) w) = sum((q - 128) w) + (128 - zp) sum(w)``."""
-    spec = layer.act_spec
-    s, zp = choose_qparams(x, spec, name="activation")
-    xq = (quantize(x, s, zp, spec, name="activation").to(torch.int16) - 128).to(torch.int8)
+    """Same result for many rows: per-token uint8 codes (the rule of ``lb_w8a8_gemm``/``choose_qparams``,
+    vectorized), shifted to int8 for ``torch._int_mm``: ``sum((q - zp) w) = sum((q - 128) w) + (128 - zp)
+    sum(w)``, int32 accumulation."""
+    mn, mx = torch.aminmax(x, dim=1, keepdim=True)
+    const = mn == mx
+    s = torch.where(const, mn.abs(), mx.clamp(min=0) / 255 - mn.clamp(max=0) / 255)
+    s = torch.where(s == 0, 1.0, s).clamp_(torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+    zp = torch.where(const, (mn < 0).float(), -torch.round(mn.clamp(max=0) / s)).clamp_(0, 255)
+    xq = (torch.round(x / s) + (zp - 128)).clamp_(-128, 127).to(torch.int8)
     w = layer.qweight.view(torch.int8)
     wsum = prepared(layer, "w8a8_row_sums", lambda: w.sum(1, dtype=torch.int32))
     acc = torch._int_mm(xq, w.t()) + (128 - zp.to(torch.int32)) * wsum.reshape(1, -1)
