@@ -79,7 +79,7 @@ def test_qlinear_conv_matches_onnxruntime(name, act):
     q = _static(conv, act, x)
     xq = quantize(x, q.input_scale.reshape(1, 1, 1, 1), q.input_zero_point.reshape(1, 1, 1, 1), q.act_spec)
     ours = qlinear(xq, q).numpy()
-    _, bias, _, _ = integer_params(q)
+    bias, _, _ = integer_params(q)
     c = q.conv
     attrs = dict(
         kernel_shape=list(c["kernel_size"]),

@@ -154,12 +154,12 @@ class _QDQRewriter:
         self.dropped: set[str] = set()  # first outputs of removed nodes (protobuf wrappers have no stable id)
         self.pruned: list[str] = []  # static layers absent from the graph (e.g. an unused pooler)
 
-    def _producer_consumers(self, name: str):
+    def _consumers(self, name: str):
         return [n for n in self.graph.node if name in n.input]
 
     def quantize_layer(self, fqn: str, q: nn.Module) -> None:
         wname = f"model.{fqn}.weight"  # the exporter wraps the model as .model
-        users = self._producer_consumers(wname)
+        users = self._consumers(wname)
         if not users:  # the exporter pruned it: its output never reaches the graph's output
             self.pruned.append(fqn)
             return
@@ -206,7 +206,7 @@ class _QDQRewriter:
         return w, s, z
 
     def _bias(self, fqn: str, q) -> str:
-        _, bias_q, _, _ = integer_params(q)
+        bias_q, _, _ = integer_params(q)
         b = self._add_init(f"{fqn}.bias_quantized", bias_q.numpy().astype(np.int32))
         bs = (q.input_scale.double() * q.scale.double().reshape(-1)).float().numpy()
         s = self._add_init(f"{fqn}.bias_scale", bs)
@@ -241,7 +241,7 @@ class _QDQRewriter:
         self._drop_init(wname)
 
     def _transposed_matmul(self, fqn: str, q, transpose, wname: str) -> None:
-        (matmul,) = self._producer_consumers(transpose.output[0])
+        (matmul,) = self._consumers(transpose.output[0])
         w, s, z = self._weights(fqn, q, transpose=True)
         self._dq(w, s, z, f"{fqn}.weight_dq", axis=1)
         matmul.input[1] = f"{fqn}.weight_dq"
@@ -249,7 +249,7 @@ class _QDQRewriter:
         self._drop_init(wname)
         out = matmul.output[0]
         if q.bias is not None:
-            (add,) = self._producer_consumers(out)
+            (add,) = self._consumers(out)
             out = add.output[0]
         self._activation(fqn, q, matmul, out)
 

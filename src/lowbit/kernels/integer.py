@@ -51,15 +51,15 @@ def _weight_codes(layer) -> Tensor:
     return prepared(layer, "int_weight", lambda: decode(layer.qweight, layer.spec.fmt, layer.cols).double())
 
 
-def integer_params(layer) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """``(w (rows, cols) float64 codes, bias_q (rows,) int64 or None, m0 (rows,), t (rows,))``."""
+def integer_params(layer) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(bias_q (rows,) int64 or None, m0 (rows,), t (rows,))``: int32 bias and requantization multiplier."""
     w_scale = layer.scale.double().reshape(-1)
     x_scale, y_scale = layer.input_scale.double(), layer.output_scale.double()
     bias = None
     if layer.bias is not None:
         bias = torch.round(layer.bias.double() / (x_scale * w_scale)).clamp(*INT32).long()
     m0, t = quantize_multiplier(x_scale * w_scale / y_scale)
-    return _weight_codes(layer), bias, m0, t
+    return bias, m0, t
 
 
 def _channels(layer) -> tuple[int, ...]:
@@ -80,7 +80,7 @@ def _accumulate(xq: Tensor, layer) -> Tensor:
 def qlinear(xq: Tensor, layer) -> Tensor:
     """Output codes of a static layer for input codes ``xq``: ONNX QLinearMatMul (+ int32 bias) for
     ``QStaticLinear`` (``(..., cols) -> (..., rows)``), QLinearConv for ``QStaticConv2d`` (NCHW)."""
-    _, bias, m0, t = integer_params(layer)
+    bias, m0, t = integer_params(layer)
     acc = torch.round(_accumulate(xq, layer)).long()
     shape = _channels(layer)
     if bias is not None:
