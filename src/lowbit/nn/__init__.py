@@ -9,6 +9,7 @@ from lowbit.nn.modules import (
     QuantizedWeightModule,
     register_qmodule,
 )
+from lowbit.nn.outliers import QLinearOutlier
 from lowbit.nn.static import (
     ACTIVATION_SPECS,
     STATIC_FLOAT_TO_Q,
@@ -31,6 +32,7 @@ __all__ = [
     "QDynamicLinear",
     "QEmbedding",
     "QLinear",
+    "QLinearOutlier",
     "QuantizedWeightModule",
     "register_qmodule",
 ]
