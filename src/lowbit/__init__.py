@@ -6,6 +6,13 @@
     lowbit.save(model, "out/w4g128", tokenizer=tok)
     model = lowbit.load("out/w4g128")
 
+    # GPTQ on calibration text, block by block; quantize_folder reads a Hugging Face folder one
+    # block at a time instead (models larger than memory) and resumes after an interruption
+    model, tok = lowbit.models.load("smollm2-135m")
+    gptq, calib = lowbit.WeightOnly(method="gptq"), lowbit.data.calib_batches(tok, 128, 512)
+    lowbit.quantize_(model, gptq, calib)
+    lowbit.quantize_folder(lowbit.models.cached_folder("smollm2-135m"), gptq, "out/gptq", calib)
+
 Importing lowbit loads torch only: no CUDA initialisation, no model or data access. ``models``,
 ``data``, ``eval`` and ``workflows`` are imported on first use.
 """
@@ -26,8 +33,17 @@ from lowbit.core import (
     QuantSpec,
 )
 from lowbit.export import load, save
+from lowbit.export.streaming import quantize_folder
 from lowbit.nn import QDynamicLinear, QEmbedding, QLinear, QStaticConv2d, QStaticLinear
-from lowbit.transforms import Int8Dynamic, QuantSummary, StaticW8A8, WeightOnly, parse_scheme, quantize_
+from lowbit.transforms import (
+    Int8Dynamic,
+    QuantSummary,
+    SmoothQuant,
+    StaticW8A8,
+    WeightOnly,
+    parse_scheme,
+    quantize_,
+)
 
 __version__ = "0.1.0"
 
@@ -50,12 +66,14 @@ __all__ = [
     "QStaticLinear",
     "QuantSpec",
     "QuantSummary",
+    "SmoothQuant",
     "StaticW8A8",
     "WeightOnly",
     "__version__",
     "load",
     "parse_scheme",
     "quantize_",
+    "quantize_folder",
     "save",
     *_LAZY,
 ]

@@ -15,10 +15,10 @@ from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.export.checkpoint import QUANT_CONFIG, load, save
-from lowbit.transforms import StaticW8A8, parse_scheme, quantize_
+from lowbit.transforms import Int8Dynamic, SmoothQuant, StaticW8A8, WeightOnly, parse_scheme, quantize_
 
 TASKS = ("wiki-ppl",)
-CALIB_SOURCES = ("photos", "mnist", "fashion-mnist", "sentences")
+CALIB_SOURCES = ("photos", "mnist", "fashion-mnist", "sentences", "wiki")
 
 
 def load_any(ref: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, object]:
@@ -36,25 +36,32 @@ def load_any(ref: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, 
     return models.load(str(ref), progress=progress)
 
 
-def _calib_source(spec: str) -> tuple[str, int]:
+def _calib_source(spec: str) -> tuple[str, int, int | None]:
+    """``(source, N, L)`` of ``SOURCE:N`` (L None) or ``wiki:NxL``; ``LowbitError`` otherwise."""
     source, _, count = spec.partition(":")
-    if source not in CALIB_SOURCES or not count.isdigit() or int(count) < 1:
+    n, _, length = count.partition("x") if source == "wiki" else (count, "", "")
+    ok = source in CALIB_SOURCES and n.isdigit() and int(n) >= 1
+    ok = ok and (length.isdigit() and int(length) >= 2 if source == "wiki" else not length)
+    if not ok:
         raise LowbitError(
-            f"bad --calib {spec!r}; expected SOURCE:N with SOURCE in {', '.join(CALIB_SOURCES)}"
+            f"bad --calib {spec!r}; expected wiki:NxL (N samples of L tokens) or SOURCE:N with SOURCE in "
+            f"{', '.join(CALIB_SOURCES[:-1])}"
         )
-    return source, int(count)
+    return source, int(n), int(length) if length else None
 
 
 def calibration_batches(spec: str, tokenizer=None, batch_size: int = 32) -> list:
     """Batches for ``--calib SOURCE:N`` (N samples): ``photos`` (scikit-image crops, 224x224),
-    ``mnist`` / ``fashion-mnist`` (training images), ``sentences`` (Lee corpus, tokenized, max 128 tokens).
-    Every source is disjoint from the data lowbit evaluates on."""
-    source, _, count = spec.partition(":")
-    if source not in CALIB_SOURCES or not count.isdigit() or int(count) < 1:
-        raise LowbitError(
-            f"bad --calib {spec!r}; expected SOURCE:N with SOURCE in {', '.join(CALIB_SOURCES)}"
-        )
-    n = int(count)
+    ``mnist`` / ``fashion-mnist`` (training images), ``sentences`` (Lee corpus, tokenized, max 128 tokens);
+    ``wiki:NxL``: N LongTensors (1, L) from the Wikipedia calibration text (``calib_batches``; fewer,
+    with a warning, if the text is shorter). Every source is disjoint from the data lowbit evaluates on."""
+    source, n, length = _calib_source(spec)
+    if source == "wiki":
+        from lowbit.data import calib_batches
+
+        if tokenizer is None:
+            raise LowbitError("--calib wiki:NxL needs a model with a tokenizer")
+        return calib_batches(tokenizer, n, length)
     if source == "sentences":
         from lowbit.data.text_pairs import sentences
 
@@ -80,45 +87,79 @@ def quantize_and_save(
     scheme: str,
     out: str | os.PathLike,
     *,
+    method: str | None = None,
     include=(),
     exclude=(),
     calib: str | None = None,
     observer: str | None = None,
+    streaming: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Quantize model ``ref`` with ``scheme`` (e.g. ``w4g128``, or ``w8a8-static`` with ``calib`` such
-    as ``photos:512`` and an ``observer``) and save it to ``out``; returns stats."""
-    config = parse_scheme(scheme)
+    as ``photos:512`` and an ``observer``) by ``method`` (``gptq`` with ``calib`` ``wiki:128x512``...)
+    and save it to ``out``; returns stats. ``streaming``: read, quantize and stage one decoder block at
+    a time from the model's safetensors folder (``lowbit.export.streaming``; resumable)."""
+    config = parse_scheme(scheme, method)
     if observer is not None:
         if not isinstance(config, StaticW8A8):
             raise LowbitError("--observer applies to static schemes (w8a8-static) only")
         config = replace(config, observer=observer)
     if calib is not None:
         _calib_source(calib)  # bad spec: error before loading anything
+    elif getattr(config, "needs_calib", False):
+        raise LowbitError(f"--method {method} needs calibration data, e.g. --calib wiki:128x512")
+    if streaming and not isinstance(config, (WeightOnly, SmoothQuant, Int8Dynamic)):
+        raise LowbitError("--streaming supports weight-only schemes, w8a8 and --method smoothquant")
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
-    model, tok = load_any(ref, progress)
-    batches = calibration_batches(calib, tok) if calib else None
-    t0 = time.perf_counter()
-    summary = quantize_(model, config, batches, include=include, exclude=exclude, progress=progress)
-    seconds = time.perf_counter() - t0
-    save(model, out, tokenizer=tok, overwrite=overwrite)
+    if streaming:  # quantize_seconds: the whole streaming run (reading, quantizing, writing)
+        summary, seconds = _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress)
+    else:
+        model, tok = load_any(ref, progress)
+        batches = calibration_batches(calib, tok) if calib else None
+        t0 = time.perf_counter()
+        summary = quantize_(model, config, batches, include=include, exclude=exclude, progress=progress)
+        seconds = time.perf_counter() - t0
+        save(model, out, tokenizer=tok, overwrite=overwrite)
     from lowbit.eval.size import dir_bytes
 
     return {
         "model": str(ref),
         "scheme": scheme,
+        "method": method or "rtn",
         "out": str(out),
         "quantized_modules": len(summary.quantized),
         "tied": summary.tied,
         "kept_float": summary.skipped,
+        "uncalibrated": getattr(summary, "uncalibrated", {}),
         "folded_batchnorm": len(summary.folded),
         "float_ops": summary.float_ops,
         "quantize_seconds": round(seconds, 2),
         "bytes_on_disk": dir_bytes(out / "model.safetensors"),
     }
+
+
+def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress):
+    """(summary, seconds) of ``quantize_folder`` on the fp32 Hugging Face folder of ``ref``."""
+    from lowbit import models
+    from lowbit.export.streaming import quantize_folder
+
+    if (Path(ref) / QUANT_CONFIG).is_file():
+        raise LowbitError(f"{ref} is a lowbit checkpoint; --streaming reads a float model")
+    folder = models.cached_folder(ref, progress=progress)
+    tok = None
+    if calib and any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    batches = calibration_batches(calib, tok) if calib else None
+    t0 = time.perf_counter()
+    summary = quantize_folder(
+        folder, config, out, batches, include=include, exclude=exclude, overwrite=overwrite, progress=progress
+    )
+    return summary, time.perf_counter() - t0
 
 
 def evaluate(

@@ -112,3 +112,53 @@ def test_export_needs_a_rebuildable_checkpoint(capsys, tmp_path):
     lowbit.save(m, tmp_path / "f")
     code, _, err = _run(capsys, "export", str(tmp_path / "f"), "--out", str(tmp_path / "o"))
     assert code == 2 and "config.json: missing" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--scheme", "w4g128", "--method", "gptq"], "needs calibration data"),
+        (["--scheme", "w4g128", "--method", "magic"], "unknown method 'magic'; known: rtn, hqq"),
+        (["--scheme", "w4g128", "--method", "awq", "--calib", "wiki:12"], "bad --calib"),
+        (["--scheme", "w4g128", "--method", "gptq", "--calib", "wiki:0x512"], "bad --calib"),
+        (["--scheme", "w4g128", "--method", "smoothquant", "--calib", "wiki:4x64"], "does not apply"),
+        (["--scheme", "w8a8-static", "--calib", "photos:4", "--streaming"], "--streaming supports"),
+    ],
+    ids=["gptq-no-calib", "unknown-method", "wiki-no-length", "wiki-zero", "sq-w4", "streaming-static"],
+)
+def test_method_bad_input(capsys, tmp_path, extra, message):
+    code, _, err = _run(capsys, "quantize", "--model", "x", *extra, "--out", str(tmp_path / "o"))
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_streaming_hqq_on_a_folder(capsys, tmp_path):
+    from support import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "src")
+    out = str(tmp_path / "q")
+    argv = ["quantize", "--model", str(tmp_path / "src"), "--scheme", "w4g16", "--method", "hqq"]
+    code, text, err = _run(capsys, *argv, "--streaming", "--out", out, "--quiet", "--json")
+    assert code == 0, err
+    result = json.loads(text)
+    assert result["quantized_modules"] == 16 and result["method"] == "hqq" and result["uncalibrated"] == {}
+    assert lowbit.load(out).lowbit_config["method"] == "hqq"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--scheme", "w4g128", "--method", "gptq", "--calib", "wiki:8x256"],
+        ["--scheme", "w8a8", "--method", "smoothquant", "--calib", "wiki:8x256", "--streaming"],
+    ],
+    ids=["gptq", "smoothquant-streaming"],
+)
+def test_quantize_with_method_smollm2(capsys, tmp_path, smollm2, extra):
+    out = str(tmp_path / "q")
+    argv = ["quantize", "--model", "smollm2-135m", *extra, "--out", out, "--quiet", "--json"]
+    code, text, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(text)["quantized_modules"] == 212  # 30 blocks x 7 Linear + embedding + tied LM head
+    code, text, _ = _run(capsys, "eval", out, "--task", "wiki-ppl", "--tokens", "1024", "--quiet", "--json")
+    assert code == 0 and 5 < json.loads(text)["perplexity"] < 60

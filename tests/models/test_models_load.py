@@ -31,14 +31,14 @@ def hf_folder(tmp_path):
 
 
 def test_unknown_name():
-    names = "smollm2-135m, mobilenetv2, mnist-cnn, fashion-mnist-cnn, minilm-l6, mpnet-base"
+    names = "smollm2-135m, qwen2.5-0.5b, mobilenetv2, mnist-cnn, fashion-mnist-cnn, minilm-l6, mpnet-base"
     with pytest.raises(LowbitError, match=f"unknown model 'nope'; bundled: {names}; or pass"):
         load("nope")
 
 
 def test_bundled_names():
     assert "smollm2-135m" in BUNDLED
-    assert list(BUNDLED) == ["smollm2-135m"]
+    assert list(BUNDLED) == ["smollm2-135m", "qwen2.5-0.5b"]
 
 
 def test_missing_package_message(monkeypatch):

@@ -23,7 +23,23 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--include", action="append", default=[], help="module-name glob or re:REGEX (repeatable)")
     q.add_argument("--exclude", action="append", default=[], help="module-name glob or re:REGEX (repeatable)")
-    q.add_argument("--calib", help="calibration data SOURCE:N: photos, mnist, fashion-mnist, sentences")
+    q.add_argument(
+        "--method",
+        help="rounding method: rtn (default), hqq (no data); gptq, awq, awq+gptq (weight-only schemes, "
+        "need --calib); smoothquant (w8a8, needs --calib)",
+    )
+    q.add_argument(
+        "--calib",
+        help="calibration data: wiki:NxL (N samples of L tokens of Wikipedia, e.g. wiki:128x512; for "
+        "language models) or SOURCE:N with SOURCE photos, mnist, fashion-mnist, sentences",
+    )
+    q.add_argument(
+        "--streaming",
+        action="store_true",
+        help="for models larger than memory: read, quantize and stage one decoder block at a time from "
+        "the fp32 safetensors (bundled name, .gguf via its cache, or HF folder); rerun the same command "
+        "after an interruption to resume from the last finished block",
+    )
     q.add_argument("--observer", help="w8a8-static: minmax, moving_average, percentile, kl or mse")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -70,10 +86,12 @@ def _run(args: argparse.Namespace) -> dict:
             args.model,
             args.scheme,
             args.out,
+            method=args.method,
             include=args.include,
             exclude=args.exclude,
             calib=args.calib,
             observer=args.observer,
+            streaming=args.streaming,
             overwrite=args.overwrite,
             progress=not args.quiet,
         )

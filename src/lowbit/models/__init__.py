@@ -6,7 +6,7 @@ transformers is imported on first use only.
 from lowbit.models.cache import cache_root
 from lowbit.models.checks import check_hf_folder, check_safetensors
 from lowbit.models.encoders import ENCODERS, embed, load_encoder, pooling
-from lowbit.models.loader import load
+from lowbit.models.loader import cached_folder, load
 from lowbit.models.registry import BUNDLED
 from lowbit.models.vision import VISION_MODELS, load_vision, mobilenet_v2, trained_cnn
 
@@ -15,6 +15,7 @@ __all__ = [
     "ENCODERS",
     "VISION_MODELS",
     "cache_root",
+    "cached_folder",
     "check_hf_folder",
     "check_safetensors",
     "embed",

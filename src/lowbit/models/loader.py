@@ -3,8 +3,12 @@
 GGUF files are dequantized once with transformers (~20 s for SmolLM2-135M on 2 cores) into an fp32
 safetensors cache (see ``lowbit.models.cache``); later loads read the cache (about a second). A cache
 entry that is corrupted (missing file, wrong size, truncated safetensors) is rebuilt with a warning.
-Nothing is ever fetched from the Hugging Face hub. ``progress=False`` hides transformers' progress
-bars, except the GGUF dequantization bar (transformers draws it with a plain tqdm; first load only).
+A bundled GGUF cut into parts (``qwen2.5-0.5b``) is first joined into a temp file inside the cache
+entry's build folder and deleted once dequantized; its entry is keyed on every part's name, size and
+first/last MiB. ``cached_folder`` builds and returns the fp32 folder without loading the model (beyond
+what the dequantization itself needs). Nothing is ever fetched from the Hugging Face hub.
+``progress=False`` hides transformers' progress bars, except the GGUF dequantization bar (transformers
+draws it with a plain tqdm; first load only).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,8 @@ from torch import nn
 from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.models.cache import build_entry, cache_problem, cache_root, gguf_key, source_stamp
 from lowbit.models.checks import check_gguf, check_hf_folder
-from lowbit.models.registry import BUNDLED, bundled_gguf
+from lowbit.models.parts import join_parts
+from lowbit.models.registry import BUNDLED, bundled_gguf, bundled_parts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 LOWBIT_CHECKPOINT_MARK = "quant_config.json"
@@ -89,23 +94,57 @@ def _dequantize_into(gguf: Path, out: Path, progress: bool) -> None:
         tokenizer.save_pretrained(str(out))
 
 
+def _ensure_entry(entry: Path, source: dict, what: str, fill: Callable[[Path], None], progress: bool) -> Path:
+    """Cache folder ``entry`` for ``source``, (re)built with ``fill(tmp)`` when absent or unusable."""
+    problem = cache_problem(entry, source) if entry.exists() else "absent"
+    if problem is None:
+        return entry
+    if problem != "absent":
+        warnings.warn(f"rebuilding model cache {entry}: {problem}", stacklevel=4)
+    if progress:
+        print(f"lowbit: dequantizing {what} to an fp32 cache in {entry} (first load)", file=sys.stderr)
+    build_entry(entry, source, fill)
+    problem = cache_problem(entry, source)
+    if problem is not None:
+        raise CheckpointError(f"model cache {entry} is unusable right after building it: {problem}")
+    return entry
+
+
+def _gguf_entry(gguf: Path, entry: Path, progress: bool) -> Path:
+    """The fp32 cache folder ``entry`` of GGUF file ``gguf``, built when needed."""
+    check_gguf(gguf)
+    return _ensure_entry(
+        entry, source_stamp(gguf), gguf.name, lambda tmp: _dequantize_into(gguf, tmp, progress), progress
+    )
+
+
+def _split_entry(name: str, entry: Path, progress: bool) -> Path:
+    """The fp32 cache folder ``entry`` of bundled model ``name`` whose GGUF ships in parts.
+
+    The parts are joined into ``<build folder>/.joined/<name>.gguf`` (atomically, size and sha256
+    checked), dequantized, then the joined file is deleted before the entry is renamed into place.
+    """
+    spec, parts = BUNDLED[name], bundled_parts(name)
+    source = {"parts": [source_stamp(p.path) for p in parts]}
+
+    def fill(tmp: Path) -> None:
+        gguf = tmp / ".joined" / f"{name}.gguf"
+        try:
+            join_parts(parts, gguf, f"bundled model {name!r}", size=spec.size, sha256=spec.sha256)
+            check_gguf(gguf)
+            _dequantize_into(gguf, tmp, progress)
+        finally:
+            gguf.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                gguf.parent.rmdir()
+
+    mb = sum(p.path.stat().st_size for p in parts) / 1e6
+    return _ensure_entry(entry, source, f"{name} ({len(parts)} parts joined, {mb:.0f} MB)", fill, progress)
+
+
 def load_gguf(gguf: Path, entry: Path, progress: bool = True) -> tuple[nn.Module, Any | None]:
     """Load ``gguf`` through its fp32 cache folder ``entry``, (re)building the entry when needed."""
-    check_gguf(gguf)
-    source = source_stamp(gguf)
-    problem = cache_problem(entry, source) if entry.exists() else "absent"
-    if problem is not None:
-        if problem != "absent":
-            warnings.warn(f"rebuilding model cache {entry}: {problem}", stacklevel=3)
-        if progress:
-            print(
-                f"lowbit: dequantizing {gguf.name} to an fp32 cache in {entry} (first load)", file=sys.stderr
-            )
-        build_entry(entry, source, lambda tmp: _dequantize_into(gguf, tmp, progress))
-        problem = cache_problem(entry, source)
-        if problem is not None:
-            raise CheckpointError(f"model cache {entry} is unusable right after building it: {problem}")
-    return load_hf_folder(entry, progress)
+    return load_hf_folder(_gguf_entry(gguf, entry, progress), progress)
 
 
 def _unknown(name: str) -> LowbitError:
@@ -135,32 +174,51 @@ def _load_other_bundled(name: str) -> tuple[nn.Module, Any | None] | None:
     return model, tok
 
 
+def cached_folder(
+    name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
+    """The local Hugging Face folder (fp32 safetensors, config, tokenizer) of a causal LM.
+
+    A bundled GGUF name (``smollm2-135m``, ``qwen2.5-0.5b``) or a ``.gguf`` file: its cache entry in
+    ``cache_root(cache_dir)``, dequantized first when absent or unusable (peak memory: the dequantization's;
+    the model is not kept). A Hugging Face folder: itself, after a header check. Raises ``LowbitError``
+    for anything else and ``CheckpointError`` for missing or corrupted model files.
+    """
+    name = os.fspath(name_or_path)
+    root = cache_root(cache_dir)
+    if name in BUNDLED:
+        entry = root / name
+        if BUNDLED[name].split:
+            return _split_entry(name, entry, progress)
+        return _gguf_entry(bundled_gguf(name), entry, progress)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / LOWBIT_CHECKPOINT_MARK).is_file():
+            raise LowbitError(f"{path} is a lowbit checkpoint; load it with lowbit.load({str(path)!r})")
+        check_hf_folder(path)
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LowbitError(f"{path}: not a .gguf file or a Hugging Face folder")
+        return _gguf_entry(path, root / gguf_key(path), progress)
+    raise _unknown(name)
+
+
 def load(
     name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, progress: bool = True
 ) -> tuple[nn.Module, Any | None]:
     """(model, tokenizer) for a bundled name, a Hugging Face folder or a ``.gguf`` file.
 
-    Bundled: ``smollm2-135m`` (causal LM), ``mobilenetv2``, ``mnist-cnn``, ``fashion-mnist-cnn`` (vision,
-    tokenizer None), ``minilm-l6``, ``mpnet-base`` (sentence encoders). A causal LM is a transformers
-    model in eval mode, float32, on CPU. The tokenizer is None for vision models and for a Hugging Face
-    folder without tokenizer files. GGUF models are cached as fp32 safetensors in
-    ``cache_root(cache_dir)/<name>/``. Raises ``LowbitError`` for an unknown name and
-    ``CheckpointError`` (naming the file) for missing or corrupted model files.
+    Bundled: ``smollm2-135m``, ``qwen2.5-0.5b`` (causal LMs), ``mobilenetv2``, ``mnist-cnn``,
+    ``fashion-mnist-cnn`` (vision, tokenizer None), ``minilm-l6``, ``mpnet-base`` (sentence encoders). A
+    causal LM is a transformers model in eval mode, float32, on CPU. The tokenizer is None for vision
+    models and for a Hugging Face folder without tokenizer files. GGUF models are cached as fp32
+    safetensors in ``cache_root(cache_dir)/<name>/`` (see ``cached_folder``). Raises ``LowbitError`` for
+    an unknown name and ``CheckpointError`` (naming the file) for missing or corrupted model files.
     """
     name = os.fspath(name_or_path)
-    root = cache_root(cache_dir)
-    if name in BUNDLED:
-        return load_gguf(bundled_gguf(name), root / name, progress)
-    other = _load_other_bundled(name)
-    if other is not None:
-        return other
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if (path / LOWBIT_CHECKPOINT_MARK).is_file():
-            raise LowbitError(f"{path} is a lowbit checkpoint; load it with lowbit.load({str(path)!r})")
-        return load_hf_folder(path, progress)
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise LowbitError(f"{path}: not a .gguf file or a Hugging Face folder")
-        return load_gguf(path, root / gguf_key(path), progress)
-    raise _unknown(name)
+    if name not in BUNDLED:
+        other = _load_other_bundled(name)
+        if other is not None:
+            return other
+    return load_hf_folder(cached_folder(name, cache_dir=cache_dir, progress=progress), progress)

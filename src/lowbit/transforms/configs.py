@@ -55,6 +55,10 @@ def _weight_spec(bits: int, group_size: int | None, symmetric: bool, scale_dtype
     return QuantSpec(fmt, symmetric, gran, scale_dtype)
 
 
+WEIGHT_METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq")
+CALIB_METHODS = ("gptq", "awq", "awq+gptq")  # need calibration batches (``quantize_(..., calib=)``)
+
+
 @register_config
 @dataclass(frozen=True)
 class WeightOnly(QuantConfig):
@@ -64,8 +68,29 @@ class WeightOnly(QuantConfig):
     output channel. symmetric: int{bits} with zero point 0, else uint{bits} with a fitted integer
     zero point. scale_dtype: storage dtype of scales. embedding_bits / embedding_group_size: for
     Embedding tables (and an LM head tied to one); None = same as the Linear layers, group 0 = per row.
-    quantize_embeddings: False keeps Embedding tables float. method: "rtn" (round to nearest).
+    quantize_embeddings: False keeps Embedding tables float.
+
+    method: how Linear weights are rounded (``lowbit.algorithms``):
+
+    | method     | data | what                                                                      |
+    |------------|------|---------------------------------------------------------------------------|
+    | `rtn`      | no   | round to nearest, qparams from each block's min/max                       |
+    | `hqq`      | no   | half-quadratic qparam search per block (never worse than RTN per block)   |
+    | `gptq`     | yes  | column-by-column rounding with error feedback through the input Hessian   |
+    | `awq`      | yes  | activation-aware per-channel scales folded into the norm/linear before,   |
+    |            |      | then a per-block clipping search                                          |
+    | `awq+gptq` | yes  | AWQ's scales, then GPTQ rounding (no clipping search)                     |
+
+    Methods with data run block by block on a Hugging Face decoder (``lowbit.transforms.sequential``);
+    embeddings and the LM head use RTN (``hqq`` uses HQQ everywhere). damp: GPTQ dampening, a
+    fraction of mean diag(H). act_order: GPTQ quantizes columns by descending diag(H) (group qparams
+    then come from the original weight). mse_clip: GPTQ shrinks each group's range (1.0 .. 0.7 of
+    min/max) to the least squared error before rounding (SmolLM2 w4g128, linears only: ppl 27.0 ->
+    24.8). awq_grid: AWQ search points (scales and clipping).
+    Version 2 added method options; version-1 dicts load unchanged.
     """
+
+    VERSION = 2
 
     bits: int = 4
     group_size: int | None = 128
@@ -75,13 +100,26 @@ class WeightOnly(QuantConfig):
     embedding_group_size: int | None = None
     quantize_embeddings: bool = True
     method: str = "rtn"
-    version: int = 1
+    damp: float = 0.01
+    act_order: bool = True
+    mse_clip: bool = True
+    awq_grid: int = 20
+    version: int = 2
 
     def __post_init__(self) -> None:
         self.linear_spec()
         self.embedding_spec()
-        if self.method != "rtn":
-            raise LowbitError(f"unknown weight method {self.method!r}; available: rtn")
+        if self.method not in WEIGHT_METHODS:
+            known = ", ".join(WEIGHT_METHODS)
+            raise LowbitError(f"unknown weight method {self.method!r}; available: {known}")
+        if not 0.0 <= self.damp < 1.0:
+            raise LowbitError(f"damp must be in [0, 1), got {self.damp}")
+        if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or self.awq_grid < 1:
+            raise LowbitError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
+
+    @property
+    def needs_calib(self) -> bool:
+        return self.method in CALIB_METHODS
 
     def linear_spec(self) -> QuantSpec:
         return _weight_spec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
@@ -120,6 +158,41 @@ class Int8Dynamic(QuantConfig):
 
 @register_config
 @dataclass(frozen=True)
+class SmoothQuant(QuantConfig):
+    """W8A8 dynamic (as ``Int8Dynamic``: int8 weights per channel, activations per token at run time)
+    after SmoothQuant: per-channel scales ``s`` move activation outliers into the weights
+    (``x / s``, ``W * s``; ``lowbit.algorithms.smoothquant``), folded into the norm or linear before
+    each group of Linears (``lowbit.transforms.mappings``). Needs calibration batches; runs block by
+    block on a Hugging Face decoder.
+
+    alpha: migration strength in [0, 1], ``s = max|x| ** alpha / max|W| ** (1 - alpha)`` per input
+        channel (0.5 in the paper; larger moves more of the activation range into the weights).
+    scale_dtype, quantize_embeddings: as ``Int8Dynamic``.
+    """
+
+    alpha: float = 0.5
+    scale_dtype: str = "float32"
+    quantize_embeddings: bool = True
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise LowbitError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+        self.linear_spec()
+
+    @property
+    def needs_calib(self) -> bool:
+        return True
+
+    def linear_spec(self) -> QuantSpec:
+        return _weight_spec(8, None, True, self.scale_dtype)
+
+    def embedding_spec(self) -> QuantSpec | None:
+        return self.linear_spec() if self.quantize_embeddings else None
+
+
+@register_config
+@dataclass(frozen=True)
 class StaticW8A8(QuantConfig):
     """Static W8A8 post-training quantization of Linear and Conv2d layers (depthwise included).
 
@@ -137,6 +210,8 @@ class StaticW8A8(QuantConfig):
     int8_outputs: which layers requantize their output to int8 codes for the next layer: "conv"
         (Conv2d; Linear outputs stay float32, as they feed residual adds, LayerNorm, softmax or logits),
         "all" or "none". Float outputs cost no output observer and no output rounding.
+    bias_correction: subtract each layer's expected output shift from weight rounding, ``(W_q - W) E[x]``
+        with ``E[x]`` measured on ``calib`` (``lowbit.algorithms.bias_correction``).
     """
 
     observer: str = "minmax"
@@ -146,6 +221,7 @@ class StaticW8A8(QuantConfig):
     fold_bn: bool = True
     fuse_activations: bool = True
     int8_outputs: str = "conv"
+    bias_correction: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:

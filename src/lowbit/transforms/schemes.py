@@ -11,20 +11,48 @@
 
 Without a suffix, 8-bit schemes are symmetric and lower bit widths asymmetric. Bits: 2..8.
 Without ``e``, embeddings use the Linear layers' bits and group size.
+
+``method`` picks the algorithm: for weight-only schemes one of ``WEIGHT_METHODS`` (``rtn``, ``hqq``,
+``gptq``, ``awq``, ``awq+gptq``), for ``w8a8`` ``smoothquant`` (``SmoothQuant()``); ``rtn`` is
+the default everywhere.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from lowbit.core.errors import LowbitError
-from lowbit.transforms.configs import Int8Dynamic, QuantConfig, StaticW8A8, WeightOnly
+from lowbit.transforms.configs import (
+    WEIGHT_METHODS,
+    Int8Dynamic,
+    QuantConfig,
+    SmoothQuant,
+    StaticW8A8,
+    WeightOnly,
+)
 
 _SCHEME = re.compile(r"w(?P<bits>\d)(?:g(?P<group>\d+))?(?:e(?P<emb>\d))?(?P<sym>-sym|-asym)?")
 
 
-def parse_scheme(scheme: str) -> QuantConfig:
-    """The config a scheme string names (table in the module docstring)."""
+def parse_scheme(scheme: str, method: str | None = None) -> QuantConfig:
+    """The config a scheme string names (table in the module docstring), using ``method`` (None: rtn)."""
+    config = _parse(scheme)
+    if method is not None and method not in (*WEIGHT_METHODS, "smoothquant"):
+        raise LowbitError(f"unknown method {method!r}; known: {', '.join(WEIGHT_METHODS)}, smoothquant")
+    if method is None or method == "rtn":
+        return config
+    if isinstance(config, WeightOnly) and method in WEIGHT_METHODS:
+        return replace(config, method=method)
+    if isinstance(config, Int8Dynamic) and method == "smoothquant":
+        return SmoothQuant(scale_dtype=config.scale_dtype, quantize_embeddings=config.quantize_embeddings)
+    raise LowbitError(
+        f"method {method!r} does not apply to scheme {scheme!r}; weight-only schemes take "
+        f"{', '.join(WEIGHT_METHODS)}; w8a8 takes rtn or smoothquant"
+    )
+
+
+def _parse(scheme: str) -> QuantConfig:
     if scheme.strip().lower() == "w8a8":
         return Int8Dynamic()
     if scheme.strip().lower() == "w8a8-static":

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.algorithms.bias_correction import ChannelMean, bias_shift
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.errors import LowbitError
 from lowbit.core.primitives import quantize
@@ -63,7 +64,9 @@ def static_w8a8(
     fused = fusable_activations(model, int8_out) if fuse else {}
     ins = {f: _observer(config, act_spec, f) for f in targets}
     outs = {f: _observer(config, act_spec, f) for f in int8_out}
-    with observing(model, ins, {fused.get(f, f): obs for f, obs in outs.items()}):
+    means = {f: ChannelMean() for f in targets} if config.bias_correction else {}
+    watch = {f: _Both(obs, means[f]) if means else obs for f, obs in ins.items()}
+    with observing(model, watch, {fused.get(f, f): obs for f, obs in outs.items()}):
         _, spec = run_batches(model, calib, progress)
     for fqn, m in tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress):
         in_obs, out_obs = ins[fqn], outs.get(fqn)
@@ -75,9 +78,12 @@ def static_w8a8(
         except LowbitError as e:
             summary.skipped[fqn] = str(e)
             continue
-        q.set_weight(quantize_weight(m.weight, config.weight_observer, f"{fqn}.weight"))
+        qt = quantize_weight(m.weight, config.weight_observer, f"{fqn}.weight")
+        q.set_weight(qt)
         if m.bias is not None:
             q.bias = m.bias.detach().clone()
+        if means:
+            _correct_bias(q, m, qt, means[fqn])
         q.set_activation_qparams("input", *in_obs.qparams())
         q.requantize_output = out_obs is not None
         if out_obs is not None:
@@ -92,6 +98,25 @@ def static_w8a8(
     model.lowbit_identity = sorted(set(getattr(model, "lowbit_identity", ())) | gone)
     model.lowbit_inputs = spec  # shapes/dtypes of a calibration batch: an export example
     return summary
+
+
+class _Both:
+    """Feeds one hooked activation to an observer and a ``ChannelMean``."""
+
+    def __init__(self, obs, mean: ChannelMean) -> None:
+        self.obs, self.mean = obs, mean
+
+    def update(self, x: torch.Tensor) -> None:
+        self.obs.update(x)
+        self.mean.update(x)
+
+
+def _correct_bias(q: nn.Module, m: nn.Module, qt: QuantizedTensor, mean: ChannelMean) -> None:
+    """``q.bias -= (W_q - W) E[x]``; a layer without bias gets one."""
+    err = qt.dequantize().reshape(m.weight.shape) - m.weight.detach().float()
+    shift = bias_shift(err, mean.mean(), getattr(m, "groups", 1))
+    bias = q.bias if q.bias is not None else torch.zeros_like(shift)
+    q.bias = (bias.float() - shift).to(m.weight.dtype)
 
 
 def _int8_output(config: StaticW8A8, m: nn.Module) -> bool:
