@@ -17,7 +17,7 @@ RANK = {
     "nn": 4,
     "transforms": 5,
     "data": 1,
-    "models": 2,  # bundled models may train on bundled data (lowbit.models.vision)
+    "models": 5,  # bundled models train on bundled data and use lowbit.nn's float Add (lowbit.models.vision)
     "export": 6,
     "eval": 6,
     "workflows": 7,

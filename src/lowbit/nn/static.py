@@ -1,4 +1,5 @@
-"""Statically quantized layers (W8A8 with calibrated activation ranges): ``QStaticLinear``, ``QStaticConv2d``.
+"""Statically quantized layers (W8A8 with calibrated activation ranges): ``QStaticLinear``, ``QStaticConv2d``,
+``QStaticAdd``.
 
 Weights are stored like ``QLinear``'s (int8 symmetric, one scale per output channel; a conv weight
 ``(out, in / groups, kh, kw)`` is held as ``(out, in / groups * kh * kw)`` rows). Activations have fixed
@@ -14,6 +15,12 @@ bias, fixed-point requantization; ``lowbit.kernels.integer``) and dequantizes th
 layers compose with float ops between them exactly as ONNX QDQ graphs do. A layer with
 ``requantize_output = False`` returns ``float32(acc) * x_scale * w_scale + bias`` instead (ONNX Runtime's
 MatMulIntegerToFloat): for outputs that only float ops read (residual adds, LayerNorm, logits).
+
+``Add`` is a float residual add written as a module (``x + f(x)`` in a model's forward becomes
+``self.add(x, f(x))``) so that static quantization can observe and quantize its output: ``QStaticAdd``
+returns ``dq(q(a + b))`` with calibrated output qparams, which ONNX Runtime runs as QLinearAdd
+(``DQ, DQ -> Add -> Q``); their outputs differ by at most one code (QLinearAdd rescales each input to
+the output scale before adding, float32 rounding differs at ties).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.core.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.kernels import dispatch
-from lowbit.nn.modules import QLinear, QuantizedWeightModule, register_qmodule
+from lowbit.kernels.integer import dequantize_activation, quantize_activation
+from lowbit.nn.modules import QLinear, QuantizedModule, QuantizedWeightModule, register_qmodule
 
 WEIGHT_SPEC = QuantSpec("int8", True, PerChannel(0), "float32")
 ACTIVATION_SPECS = {
@@ -154,6 +162,42 @@ class QStaticConv2d(StaticActivations, QuantizedWeightModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch(self.KERNEL_OP, self, x, self.backend)(x, self)
+
+
+class Add(nn.Module):
+    """Float ``a + b`` as a module (a residual add that ``StaticW8A8`` can observe and quantize)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+@register_qmodule(None)
+class QStaticAdd(QuantizedModule):
+    """``y = dq(q(a + b))``: an ``Add`` whose output is requantized with calibrated per-tensor qparams."""
+
+    def __init__(self, act_spec: QuantSpec = ACTIVATION_SPECS["uint8"]) -> None:
+        super().__init__()
+        if act_spec not in ACTIVATION_SPECS.values():
+            raise LowbitError(f"static activations must be one of {list(ACTIVATION_SPECS)}, got {act_spec}")
+        self.act_spec = act_spec
+        self.register_buffer("output_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("output_zero_point", torch.zeros((), dtype=act_spec.fmt.torch_dtype))
+
+    set_activation_qparams = StaticActivations.set_activation_qparams
+
+    @classmethod
+    def from_entry(cls, e: dict) -> QStaticAdd:
+        return cls(_act_spec(e))
+
+    def config_entry(self) -> dict:
+        return {"type": type(self).__name__, "act_spec": self.act_spec.to_dict()}
+
+    def extra_repr(self) -> str:
+        return f"{self.act_spec.format} output, scale {float(self.output_scale):.4g}"
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        y = a + b
+        return dequantize_activation(quantize_activation(y, self, "output"), self).to(y.dtype)
 
 
 CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
