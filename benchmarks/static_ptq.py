@@ -164,7 +164,7 @@ class Task:
         return {"accuracy": float(100 * (pred == self.labels).mean()), "n": int(len(pred))}
 
 
-def bench_model(name: str, observers, quick: bool, tmp: Path) -> dict:
+def bench_model(name: str, observers, quick: bool, tmp: Path, equalize: bool = False) -> dict:
     model, tok = lowbit.models.load(name)
     batches = calibration_batches(f"{CALIB[name]}:{64 if quick else 512}", tok)
     task = Task(name, tok, quick)
@@ -174,7 +174,7 @@ def bench_model(name: str, observers, quick: bool, tmp: Path) -> dict:
     for obs in observers:
         q = copy.deepcopy(model)
         t0 = time.perf_counter()
-        summary = lowbit.quantize_(q, lowbit.StaticW8A8(observer=obs), batches)
+        summary = lowbit.quantize_(q, lowbit.StaticW8A8(observer=obs, equalize=equalize), batches)
         calib_s[f"lowbit {obs}"] = time.perf_counter() - t0
         summaries[obs] = {"quantized": len(summary.quantized), "float_ops": summary.float_ops}
         paths[f"lowbit {obs}"] = export_onnx(q, example, tmp / f"{name}-lowbit-{obs}.onnx")
@@ -225,16 +225,18 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--observers", nargs="+", default=list(OBSERVERS))
     p.add_argument("--quick", action="store_true", help="small slices (a smoke run, not a result)")
+    p.add_argument("--equalize", action="store_true", help="StaticW8A8(equalize=True)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = []
         for m in args.models:
-            results.append(bench_model(m, args.observers, args.quick, Path(tmp)))
+            results.append(bench_model(m, args.observers, args.quick, Path(tmp), args.equalize))
             print(markdown(results[-1:]), flush=True)
     env = {"torch": torch.__version__, "onnxruntime": ort.__version__, "python": sys.version.split()[0],
            "machine": platform.machine(), "threads": torch.get_num_threads(), "quick": args.quick,
+           "equalize": args.equalize,
            "seconds": round(time.perf_counter() - t0)}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

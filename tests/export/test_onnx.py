@@ -48,9 +48,11 @@ def _ops(path):
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
-def test_cnn_qdq_matches_lowbit(tmp_path):
+@pytest.mark.parametrize("equalize", [False, True], ids=["plain", "equalized"])
+def test_cnn_qdq_matches_lowbit(tmp_path, equalize):
     net = _cnn()
-    quantize_(net, StaticW8A8(), calib=_batches())
+    s = quantize_(net, StaticW8A8(equalize=equalize), calib=_batches())
+    assert len(s.equalized) == (2 if equalize else 0)  # conv -> ReLU -> depthwise -> ReLU6 (fused) -> conv
     x = torch.randn(6, 1, 12, 12)
     path = export_onnx(net, x[:1], tmp_path / "cnn.onnx")
     ops = _ops(path)

@@ -212,7 +212,15 @@ class StaticW8A8(QuantConfig):
         "all" or "none". Float outputs cost no output observer and no output rounding.
     bias_correction: subtract each layer's expected output shift from weight rounding, ``(W_q - W) E[x]``
         with ``E[x]`` measured on ``calib`` (``lowbit.algorithms.bias_correction``).
+    equalize: cross-layer equalization after BatchNorm folding (``lowbit.transforms.equalize_``):
+        consecutive layer pairs in Sequentials get matched per-channel weight ranges. Exact across ReLU;
+        a ReLU6 between a pair becomes a ReLU when the layer before absorbs it (``fuse_activations``),
+        else that pair is left alone. Off by default: with per-channel weights it has little to fix,
+        and on MobileNetV2 (all ReLU6) it lowers top-1 agreement (README, static PTQ).
+    Version 2 added ``equalize``; version-1 dicts load unchanged (``equalize=False``, what they ran).
     """
+
+    VERSION = 2
 
     observer: str = "minmax"
     percentile: float = 99.99
@@ -222,7 +230,8 @@ class StaticW8A8(QuantConfig):
     fuse_activations: bool = True
     int8_outputs: str = "conv"
     bias_correction: bool = True
-    version: int = 1
+    equalize: bool = False
+    version: int = 2
 
     def __post_init__(self) -> None:
         if self.activation_format not in ("uint8", "int8"):

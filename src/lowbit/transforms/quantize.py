@@ -37,12 +37,15 @@ class QuantSummary:
     routed: int = 0  # layers given measured backend routes (``advice``)
     folded: dict[str, str] = field(default_factory=dict)  # BatchNorm fqn -> the conv it was folded into
     fused: dict[str, str] = field(default_factory=dict)  # activation fqn -> the layer whose range absorbs it
+    equalized: list[tuple[str, str]] = field(default_factory=list)  # (layer, next layer) pairs equalized
     float_ops: dict[str, int] = field(default_factory=dict)  # module type -> count of leaf modules left float
 
     def __str__(self) -> str:
         lines = [f"{type(self.config).__name__}: {len(self.quantized)} modules quantized"]
         if self.folded:
             lines.append(f"  folded: {len(self.folded)} BatchNorm layers into their convs")
+        if self.equalized:
+            lines.append(f"  equalized: {len(self.equalized)} consecutive layer pairs (cross-layer)")
         if self.fused:
             lines.append(f"  fused: {len(self.fused)} ReLU/ReLU6 into the output range of the layer before")
         lines += [f"  tied: {a} shares {b}" for a, b in self.tied.items()]
