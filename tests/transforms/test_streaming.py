@@ -194,16 +194,56 @@ def test_merge_safetensors_aligns_and_round_trips(tmp_path):
     assert all(v["data_offsets"][0] % size[v["dtype"]] == 0 for k, v in header.items() if k != "__metadata__")
 
 
-def test_untied_head_is_read_after_the_blocks(tmp_path):
+def _llama(tied: bool, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval()
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    cfg = LlamaConfig(vocab_size=64, num_hidden_layers=2, tie_word_embeddings=tied, **sizes, **config)
+    return LlamaForCausalLM(cfg).eval()
+
+
+FLOAT_EMBEDDING = WeightOnly(bits=4, group_size=16, quantize_embeddings=False)
+
+
+@pytest.mark.parametrize(
+    "tied, config, exclude, read_whole",
+    [
+        (False, GPTQ, (), set()),
+        (True, GPTQ, (), set()),
+        (False, WeightOnly(bits=4, group_size=16, method="gptq", embedding_group_size=0), (), set()),
+        (False, Int8Dynamic(), (), set()),
+        (False, GPTQ, ("lm_head",), set()),  # float tables: bytes copied from the source
+        (True, FLOAT_EMBEDDING, (), set()),
+        (True, GPTQ, ("lm_head",), {"model.embed_tokens.weight"}),  # float head, quantized embedding
+    ],
+    ids=[
+        "untied",
+        "tied",
+        "per-row-embedding",
+        "w8a8",
+        "float-head",
+        "tied-float-embedding",
+        "tied-float-head",
+    ],
+)
+def test_tables_stream_in_row_chunks(tmp_path, monkeypatch, tied, config, exclude, read_whole):
+    """Embedding and LM head read 7 rows at a time (capture: only the calibration ids' rows), not
+    whole unless kept float, give the checkpoint of whole-table rounding in memory."""
+    from lowbit.export import source
+    from lowbit.transforms import weight_only
+
+    model = _llama(tied, pad_token_id=5)
     model.save_pretrained(tmp_path / "src")
-    summary = quantize_folder(tmp_path / "src", GPTQ, tmp_path / "out", _calib(), progress=False)
-    quantize_(model, GPTQ, _calib())
+    calib = _calib() if getattr(config, "needs_calib", False) else None
+    mem = quantize_(model, config, calib, exclude=exclude)
     lowbit.save(model, tmp_path / "mem")
-    assert summary.tied == {} and "lm_head" in summary.quantized
+    real, read = source.Source.read, []
+    monkeypatch.setattr(source.Source, "read", lambda self, keys: read.extend(keys) or real(self, keys))
+    monkeypatch.setattr(weight_only, "CHUNK_ROWS", 7)  # 64 rows in 10 chunks
+    summary = quantize_folder(
+        tmp_path / "src", config, tmp_path / "out", calib, exclude=exclude, progress=False
+    )
     _same_checkpoint(tmp_path / "mem", tmp_path / "out")
+    assert (summary.quantized, summary.tied, summary.skipped) == (mem.quantized, mem.tied, mem.skipped)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} & set(read) == read_whole

@@ -1,13 +1,17 @@
 """``quantize_folder``: quantize a Hugging Face folder block by block, for models larger than memory.
 
-The model is built on the meta device; only the embeddings and final norm are read up front.
-Calibration batches run through the embeddings once (``sequential.capture``), then each decoder block
+The model is built on the meta device; only the small tensors outside the blocks (norms) are read up
+front. Calibration batches run through the embeddings once (``sequential.capture``), the embedding
+reading only the rows of the calibration token ids (``source.embedding_rows``); then each decoder block
 in turn is read from the source safetensors (one file or an index-sharded set), quantized by
 ``sequential.quantize_block`` (the in-memory pipeline's code), staged to disk and sent back to meta.
-The embeddings are quantized last, then an untied LM head is read and quantized. Peak memory: the
-embeddings, one float block, the captured activations (``n * L * hidden`` float32) and, for GPTQ, a
-Hessian per Linear input of the block; at the end, the embedding table's quantization. Measured on
-Qwen2.5-0.5B (2.0 GB fp32), GPTQ on 16 x 512 tokens: peak RSS 2.3 GB, against 6.7 GB in memory.
+The embedding table and an untied LM head are quantized last, read and rounded a row chunk at a time
+(``source.quantize_tables``, bitwise the in-memory result); tables kept float are copied byte for byte
+into the output. Peak memory: one float block, the captured activations (``n * L * hidden`` float32)
+and, for GPTQ, a Hessian per Linear input of the block and its rounding's temporaries; never a whole
+float table. Measured on Qwen2.5-0.5B (2.5 GB fp32; vocabulary 151936 x 896, untied head), GPTQ on
+16 x 512 tokens: peak RSS PEAK_GPTQ (2.37 GB with whole tables, 6.7 GB in memory), RTN PEAK_RTN; importing
+torch and transformers alone takes 0.25 GB.
 
 Staging (``.<out name>.lowbit-partial`` beside ``out``): ``block-<i>.safetensors`` (block ``i``'s tensors,
 its module entries and summary in the metadata), ``hidden-<i>.safetensors`` (block ``i``'s input
@@ -24,14 +28,13 @@ The output is a normal lowbit checkpoint (``lowbit.load``), written atomically (
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +47,18 @@ from tqdm.auto import tqdm
 from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.fsio import atomic_dir, atomic_write_text
 from lowbit.export.checkpoint import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG, WEIGHTS, _dedupe
-from lowbit.nn.modules import QuantizedWeightModule
+from lowbit.export.source import (
+    HEAD,
+    Source,
+    embedding_fqn,
+    embedding_rows,
+    in_head,
+    map_big_allocations,
+    materialise,
+    quantize_tables,
+    trim_heap,
+)
+from lowbit.nn.modules import FLOAT_TO_Q, QuantizedWeightModule
 from lowbit.transforms.configs import QuantConfig
 from lowbit.transforms.mappings import architecture, blocks_path
 from lowbit.transforms.quantize import Selector
@@ -57,6 +71,7 @@ from lowbit.transforms.sequential import (
     merge,
     quantize_block,
     quantize_rest,
+    rest_plan,
 )
 
 STAGE_SUFFIX = ".lowbit-partial"
@@ -68,78 +83,9 @@ TOKENIZER_FILES = (
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2}  # else 1 byte
 
 
-class _Source:
-    """The tensors of a Hugging Face folder (one safetensors file or an index-sharded set). Each
-    ``read`` opens the files it needs and copies the tensors out, so no mapping of the whole file
-    stays resident between blocks."""
-
-    def __init__(self, folder: Path) -> None:
-        index = folder / "model.safetensors.index.json"
-        try:
-            if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-            elif (folder / WEIGHTS).is_file():
-                with safe_open(str(folder / WEIGHTS), "pt") as f:
-                    weight_map = dict.fromkeys(f.keys(), WEIGHTS)
-            else:
-                raise CheckpointError(f"{folder}: no {WEIGHTS} or model.safetensors.index.json")
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{folder}: unreadable safetensors weights ({e})") from None
-        self.folder, self.weight_map = folder, weight_map
-        self.files = sorted(set(weight_map.values()))
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
-
-    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{key: tensor}`` (own memory, not a view of the file) for ``keys`` present in the folder."""
-        out = {}
-        for name in self.files:
-            wanted = [k for k in keys if self.weight_map.get(k) == name]
-            if not wanted:
-                continue
-            try:
-                with safe_open(str(self.folder / name), "pt") as f:
-                    out |= {k: f.get_tensor(k).clone() for k in wanted}
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{self.folder / name}: unreadable ({e})") from None
-        return out
-
-    def stamp(self) -> dict:
-        """Name -> [size, mtime_ns] of each weight file and config.json (what identifies the source)."""
-        names = [*self.files, "config.json"]
-        return {n: [(self.folder / n).stat().st_size, (self.folder / n).stat().st_mtime_ns] for n in names}
-
-
-def _materialise(module: nn.Module, prefix: str, source: _Source, keys: Iterable[str] | None = None) -> None:
-    """Replace ``module``'s meta tensors (``keys`` of its state dict, default all) by the source's,
-    cast to the skeleton's dtype; ``CheckpointError`` naming a missing or misshapen tensor."""
-    want = module.state_dict()
-    keys = list(want if keys is None else keys)
-    missing = [f"{prefix}{k}" for k in keys if f"{prefix}{k}" not in source]
-    if missing:
-        raise CheckpointError(f"{source.folder}: tensor {missing[0]} missing from the weights")
-    read = source.read([f"{prefix}{k}" for k in keys])
-    tensors = {}
-    for k in keys:
-        t = read.pop(f"{prefix}{k}")
-        if tuple(t.shape) != tuple(want[k].shape):
-            shapes = f"{tuple(t.shape)}, the config says {tuple(want[k].shape)}"
-            raise CheckpointError(f"{source.folder}: {prefix}{k} has shape {shapes}")
-        tensors[k] = t.to(want[k].dtype)
-    module.load_state_dict(tensors, strict=len(keys) == len(want), assign=True)
-
-
-HEAD = "lm_head"  # read last: an untied LM head can be as big as the embeddings
-
-
-def _in_head(name: str) -> bool:
-    return name == HEAD or name.startswith(HEAD + ".")
-
-
-def _skeleton(folder: Path, source: _Source) -> tuple[nn.Module, str]:
-    """(meta-device model of ``folder`` with the embeddings, norms... read in, blocks path). The LM
-    head stays on meta (``_read_head``), the blocks too (``_materialise`` one at a time)."""
+def _skeleton(folder: Path, source: Source) -> tuple[nn.Module, str]:
+    """(meta-device model of ``folder`` with the norms... read in, blocks path). The blocks stay on
+    meta (``materialise`` one at a time), the embedding table and LM head weight too (``source``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,30 +97,50 @@ def _skeleton(folder: Path, source: _Source) -> tuple[nn.Module, str]:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     path = blocks_path(model, arch)
-    rest = [k for k in model.state_dict() if not k.startswith(path + ".") and not _in_head(k)]
-    _materialise(model, "", source, rest)
+    tables = {f"{embedding_fqn(model)}.weight", f"{HEAD}.weight"}
+    materialise(
+        model, "", source, [k for k in model.state_dict() if not k.startswith(path + ".") and k not in tables]
+    )
     return model, path
 
 
-def _finish_rest(model: nn.Module, path: str, config, select, summary, source: _Source) -> None:
-    """Quantize what lies outside the blocks. An untied LM head is read only once the embeddings are
-    quantized (their float table freed); a tied one is tied first, so both share one quantized copy."""
+def _finish_rest(model: nn.Module, path: str, config, select, summary, source: Source) -> None:
+    """Quantize what lies outside the blocks: the embedding table and LM head a row chunk at a time
+    from the source (``quantize_tables``); tables it leaves (per-tensor specs) are read whole and
+    rounded by ``quantize_rest``. A tied head shares the embedding's quantized copy. Tables kept float
+    stay on meta if the source holds them as float32: ``_write_output`` copies their bytes."""
     outside = lambda fqn: select(fqn) and not fqn.startswith(path + ".")  # noqa: E731
-    if getattr(model.config, "tie_word_embeddings", False):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
         model.tie_weights()
-    else:
-        quantize_rest(model, config, lambda fqn: outside(fqn) and not _in_head(fqn), summary)
-        _materialise(model, "", source, [k for k in model.state_dict() if _in_head(k)])
+    plan, quantize = rest_plan(config)
+    tables = [n for n in (embedding_fqn(model), HEAD) if n in dict(model.named_modules())]
+    quantize_tables(model, tables, plan, quantize, outside, summary, source)
+    to_round = [m for n, m in model.named_modules() if type(m) in FLOAT_TO_Q and outside(n) and plan(m)]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    late = [k for k, v in model.state_dict().items() if v.is_meta and not k.startswith(path + ".")]
+    late = [k for k in late if not (tied and in_head(k))]  # the embedding's (``_tie_float_head``)
+    copied = [
+        k for k in late
+        if k in params and all(params[k] is not m.weight for m in to_round)
+        and k in source and source.dtype(k) == "F32"
+    ]  # fmt: skip
+    materialise(model, "", source, [k for k in late if k not in copied])
+    _tie_float_head(model, tied, source)
     quantize_rest(model, config, outside, summary)
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing). Without
-    it, glibc's adaptive mmap threshold puts block-sized tensors on the heap, and RSS grows by tens of
-    MB per block (measured: Qwen2.5-0.5B, 1.0 -> 2.1 GB over 24 blocks; flat with the trim)."""
-    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+def _tie_float_head(model: nn.Module, tied: bool, source: Source) -> None:
+    """A tied LM head still float and on meta: the embedding's float table (read whole if the
+    embedding itself was quantized)."""
+    head, emb = dict(model.named_modules()).get(HEAD), model.get_input_embeddings()
+    if not tied or type(head) is not nn.Linear or not head.weight.is_meta:
+        return
+    if isinstance(emb, QuantizedWeightModule):
+        key = f"{embedding_fqn(model)}.weight"
+        head.weight = nn.Parameter(source.read([key])[key].to(head.weight.dtype), requires_grad=False)
+    else:
+        head.weight = emb.weight
 
 
 def _digest(batches: Sequence) -> str:
@@ -306,18 +272,25 @@ def _read_header(path: Path) -> tuple[dict, int]:
 
 
 def merge_safetensors(
-    parts: Sequence[Path], out: Path, metadata: dict[str, str], chunk: int = 1 << 24
+    parts: Sequence[Path | tuple[Path, Collection[str]]],
+    out: Path,
+    metadata: dict[str, str],
+    chunk: int = 1 << 24,
 ) -> None:
-    """Write the tensors of safetensors files ``parts`` into one file ``out``, copying bytes in
-    ``chunk``-sized pieces (memory stays at one chunk). Tensors are laid out by element size (largest
-    first) then name, so each one starts aligned to its element size, as safetensors itself does."""
+    """Write the tensors of safetensors files ``parts`` (a path: all its tensors; ``(path, names)``:
+    those) into one file ``out``, copying bytes in ``chunk``-sized pieces (memory stays at one chunk).
+    Tensors are laid out by element size (largest first) then name, so each one starts aligned to its
+    element size, as safetensors itself does."""
     where: dict[str, tuple[int, int, dict]] = {}
-    for k, p in enumerate(parts):
+    parts = [(p, None) if isinstance(p, Path) else p for p in parts]
+    for k, (p, only) in enumerate(parts):
         header, base = _read_header(p)
         header.pop("__metadata__", None)
         for name, info in header.items():
+            if only is not None and name not in only:
+                continue
             if name in where:
-                raise LowbitError(f"tensor {name} is in two staged files ({parts[where[name][0]]}, {p})")
+                raise LowbitError(f"tensor {name} is in two input files ({parts[where[name][0]][0]}, {p})")
             where[name] = (k, base, info)
     names = sorted(where, key=lambda n: (-_ITEMSIZE.get(where[n][2]["dtype"], 1), n))
     header, offset = {"__metadata__": metadata}, 0
@@ -328,7 +301,7 @@ def merge_safetensors(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    handles = [open(p, "rb") for p in parts]  # closed below
+    handles = [open(p, "rb") for p, _ in parts]  # closed below
     try:
         with open(out, "wb") as f:
             f.write(len(blob).to_bytes(8, "little") + blob)
@@ -344,11 +317,23 @@ def merge_safetensors(
 
 
 def _write_output(
-    model: nn.Module, path: str, stage: _Stage, out: Path, overwrite: bool, config: QuantConfig, src: Path
+    model: nn.Module,
+    path: str,
+    stage: _Stage,
+    out: Path,
+    overwrite: bool,
+    config: QuantConfig,
+    source: Source,
 ) -> None:
-    """Assemble the lowbit checkpoint ``out`` from the shell (non-block layers) and the staged blocks."""
-    inside = path + "."
-    tensors, aliases = _dedupe({k: v for k, v in model.state_dict().items() if not k.startswith(inside)})
+    """Assemble the lowbit checkpoint ``out`` from the shell (non-block layers), the staged blocks and
+    the float tables still on meta (copied from the source files; a tied head's is an alias)."""
+    inside, src = path + ".", source.folder
+    shell = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
+    copy = [k for k, v in shell.items() if v.is_meta and k in source]
+    tensors, aliases = _dedupe({k: v for k, v in shell.items() if not v.is_meta})
+    aliases |= {
+        k: f"{embedding_fqn(model)}.weight" for k, v in shell.items() if v.is_meta and k not in source
+    }
     _save_atomic(tensors, stage.dir / "rest.safetensors")
     del tensors
     entries = {
@@ -366,6 +351,10 @@ def _write_output(
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_dict()}
     meta |= {"modules": entries, "aliases": aliases, "identity": [], "source": None, "inputs": None}
     parts = [stage.dir / "rest.safetensors", *(stage.block_file(i) for i in range(n_blocks))]
+    parts += [
+        (src / f, [k for k in copy if source.weight_map[k] == f])
+        for f in {source.weight_map[k] for k in copy}
+    ]
     hf_config = model.config.to_dict()
     hf_config.pop("quantization_config", None)
     with atomic_dir(out, overwrite) as tmp:
@@ -385,20 +374,23 @@ def _run_blocks(model, path, plan, select, batches, source, stage, summary, prog
         merge(summary, BlockResult(**stage.block_meta(i)["result"]))
     if stage.done == len(blocks):
         return
-    cap = capture(model, path, batches) if plan.needs_data else None
+    cap = None
+    if plan.needs_data:
+        with embedding_rows(model, source):
+            cap = capture(model, path, batches)
     if cap is not None and stage.done:
         cap.hidden = stage.hidden(stage.done)
     label = f"{plan.scales}+{plan.rounding}" if plan.scales else plan.rounding
     bar = tqdm(range(stage.done, len(blocks)), desc=label, unit="block", disable=not progress)
     for i in bar:
         prefix, block, last = f"{path}.{i}", blocks[i], i + 1 == len(blocks)
-        _materialise(block, prefix + ".", source)
+        materialise(block, prefix + ".", source)
         hidden, kwargs = (cap.hidden, cap.kwargs[i]) if cap else (None, None)
         res = quantize_block(block, prefix, plan, arch, select, hidden, kwargs, propagate=not last)
         stage.commit(i, prefix, block, res, cap.hidden if cap and not last else None)
         merge(summary, res)
         block.to("meta")
-        _trim_heap()
+        trim_heap()
 
 
 def quantize_folder(
@@ -415,7 +407,8 @@ def quantize_folder(
 ) -> PipelineSummary:
     """Quantize the Hugging Face model in folder ``src`` (config.json + safetensors) with ``config``
     (``WeightOnly`` with any method, ``SmoothQuant``, ``Int8Dynamic``) into lowbit checkpoint ``out``,
-    block by block (module docstring: memory, staging, resume).
+    block by block (module docstring: memory, staging, resume). Sets glibc's mmap threshold for the
+    process (``source.map_big_allocations``).
 
     ``calib``: calibration batches (e.g. ``lowbit.data.calib_batches(tok, 128, 512)``) for methods that
     need data. ``include``/``exclude``: module-name patterns (``Selector``). ``resume``: continue staged
@@ -429,7 +422,8 @@ def quantize_folder(
         raise CheckpointError(f"{src}: not a Hugging Face model folder (no config.json)")
     plan = block_plan(config)
     batches = check_calib(config, calib)
-    source = _Source(src)
+    map_big_allocations()
+    source = Source(src)
     model, path = _skeleton(src, source)
     select = Selector(include, exclude)
     fingerprint = {"config": config.to_dict(), "include": list(include), "exclude": list(exclude)}
@@ -441,7 +435,7 @@ def quantize_folder(
         stage = _Stage(out, fingerprint, resume, progress, plan.needs_data)
         _run_blocks(model, path, plan, select, batches, source, stage, summary, progress)
         _finish_rest(model, path, config, select, summary, source)
-        _write_output(model, path, stage, out, overwrite, config, src)
+        _write_output(model, path, stage, out, overwrite, config, source)
     except OSError as e:
         raise LowbitError(
             f"cannot write {out} or its staging {stage_dir}: {e.strerror or e}; any previous {out} is "
