@@ -283,6 +283,17 @@ def test_accumulator_chunks_equal_one_update(dtype):
     assert whole.hessian().dtype == torch.float32
 
 
+def test_accumulator_upper_blocks_give_the_full_product():
+    x = torch.randn(2, 90, 800, generator=_gen(20))  # 800 inputs: three block rows (384, 384, 32)
+    acc = HessianAccumulator(800, dtype=torch.float64)
+    acc.update(x[0])
+    acc.update(x[1])
+    flat = x.reshape(-1, 800).double()
+    h = acc.hessian()
+    assert torch.equal(h, h.t())
+    torch.testing.assert_close(h.double(), 2 / 180 * flat.t() @ flat, rtol=1e-6, atol=1e-6)
+
+
 def test_accumulator_takes_half_precision_rows():
     x = torch.randn(40, 16, generator=_gen(19)).to(torch.bfloat16)
     acc = HessianAccumulator(16)

@@ -242,3 +242,56 @@ def test_row_chunks_round_the_same(monkeypatch):
     quantize_(chunked, WeightOnly(**W4))
     a, b = whole.state_dict(), chunked.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _block0_stats(calib):
+    from lowbit.transforms import sequential as seq
+
+    base = tiny_llama(hidden=64, intermediate=128)
+    cap = seq.capture(base, "model.layers", calib)
+    block = base.model.layers[0]
+    targets = seq._linears(block, "model.layers.0", lambda n: True)
+    groups = seq._input_groups(block, architecture(base.config), targets)
+    plan = seq.block_plan(WeightOnly(**W4, method="gptq"))
+    return block, cap, targets, groups, plan
+
+
+def test_gather_stops_early_with_the_same_statistics():
+    from lowbit.transforms import sequential as seq
+
+    calib = [torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (16, 20, 24)]
+    block, cap, targets, groups, plan = _block0_stats(calib)  # shapes differ: three forwards
+    seen = {lead: [] for lead in groups}
+    calls = []
+
+    def keep(lead):
+        return lambda m, a, o: seen[lead].append(a[0].reshape(-1, a[0].shape[-1]))
+
+    hooks = [block.get_submodule(lead).register_forward_hook(keep(lead)) for lead in groups]
+    with torch.no_grad():
+        for h, kw in zip(cap.hidden, cap.kwargs[0], strict=True):
+            block(h, **kw)
+    for h in hooks:
+        h.remove()
+    hook = block.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    stats = seq._gather(block, groups, plan, cap.hidden, cap.kwargs[0])
+    hook.remove()
+    assert len(calls) == 1  # the last lead's product ran for the first batch only
+    for lead, xs in seen.items():
+        x = torch.cat(xs)
+        torch.testing.assert_close(stats[lead].hessian, 2 / x.shape[0] * x.t() @ x)
+
+
+def test_stacked_gptq_gives_each_linear_its_own_result():
+    from lowbit.transforms import sequential as seq
+
+    block, cap, targets, groups, plan = _block0_stats(_calib(n=4, length=16))
+    stats = seq._gather(block, groups, plan, cap.hidden, cap.kwargs[0])
+    stacked = seq._gptq_stacked(targets, stats, groups, plan, "model.layers.0")
+    assert sorted(stacked) == sorted(n for names in groups.values() if len(names) > 1 for n in names)
+    lead_of = {n: lead for lead, names in groups.items() for n in names}
+    for name, qt in stacked.items():
+        alone = seq._round(block.get_submodule(name).weight.detach(), stats[lead_of[name]], plan, name)
+        assert (qt.codes != alone.codes).float().mean() < 1e-3  # measured: equal
+        torch.testing.assert_close(qt.scale, alone.scale)
+        torch.testing.assert_close(qt.zero_point, alone.zero_point)

@@ -7,9 +7,10 @@
 2. ``quantize_block`` for each block in turn: hooks on its Linears gather input statistics during
    the block's float forward (Hessians for GPTQ, sampled input rows for AWQ, per-channel max |x| for
    SmoothQuant; Linears reading the same input share them); scales are searched and folded
-   (``lowbit.transforms.mappings``); each Linear is rounded and swapped for its quantized module;
-   then the QUANTIZED block runs on the same inputs to give the next block's inputs, so later blocks
-   see (and GPTQ compensates) the error of earlier ones.
+   (``lowbit.transforms.mappings``); each Linear is rounded (GPTQ: once per group of Linears sharing
+   an input, their rows stacked) and swapped for its quantized module; then the QUANTIZED block runs
+   on the same inputs to give the next block's inputs, so later blocks see (and GPTQ compensates) the
+   error of earlier ones.
 3. Embeddings and the LM head are rounded like ``WeightOnly``/``Int8Dynamic`` do (tied weights shared).
 
 Linears whose group saw no calibration token (e.g. MoE experts never routed to) are rounded without
@@ -26,16 +27,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.rtn import QuantizedTensor
+from lowbit.algorithms.rtn import QuantizedTensor, rtn
 from lowbit.core.errors import LowbitError
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.dynamic import QDynamicLinear
 from lowbit.nn.modules import FLOAT_TO_Q, QLinear
-from lowbit.transforms.calibrate import input_spec, observing
+from lowbit.transforms.calibrate import input_spec
 from lowbit.transforms.configs import Int8Dynamic, QuantConfig, SmoothQuant, WeightOnly
 from lowbit.transforms.mappings import Architecture, architecture, blocks_path, fold_scales, resolve
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
-from lowbit.transforms.weight_only import rounding, swap_weights, weight_plan
+from lowbit.transforms.weight_only import Plan, Rounding, rounding, swap_weights, weight_plan
 
 SAMPLE_ROWS = 4096  # input rows kept (seeded random subset) per Linear input for AWQ's searches
 CHUNK_TOKENS = 4096  # calibration samples of equal shape are stacked up to this many tokens per forward
@@ -281,15 +282,47 @@ def _run(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], out: 
             out[j] = y[0] if isinstance(y, tuple) else y
 
 
+class _Seen(Exception):
+    """Raised by ``_gather``'s hook once the last statistic of a forward is in: the rest is not needed."""
+
+
+@torch.no_grad()
 def _gather(
     block: nn.Module, groups: dict[str, list[str]], plan: BlockPlan, hidden: list, kwargs: list[dict]
 ) -> dict[str, _InputStats]:
-    """Statistics per input group (keyed by its first Linear) from the float forward of ``block``."""
+    """Statistics per input group (keyed by its first Linear) from the float forward of ``block``.
+
+    Pre-hooks on the leads record their inputs. If the first batch calls every lead exactly once, later
+    forwards stop at the last of them (its own product and what follows are never computed)."""
     tokens = sum(h.numel() // h.shape[-1] for h in hidden)
     keep = min(1.0, SAMPLE_ROWS / max(tokens, 1))
     stats = {lead: _InputStats(plan, keep, seed=i) for i, lead in enumerate(groups)}
-    with observing(block, stats, {}):
-        _run(block, hidden, kwargs)
+    order: list[str] = []
+    last: list[str] = []  # the lead to stop at, once known
+
+    def hook(lead: str):
+        def record(module, args):
+            if args:
+                stats[lead].update(args[0].detach())
+            order.append(lead)
+            if last and lead == last[0]:
+                raise _Seen
+
+        return record
+
+    handles = [block.get_submodule(lead).register_forward_pre_hook(hook(lead)) for lead in stats]
+    try:
+        for j, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+            order.clear()
+            try:
+                block(h, **kw)
+            except _Seen:
+                pass
+            if j == 0 and sorted(order) == sorted(stats):
+                last.append(order[-1])
+    finally:
+        for handle in handles:
+            handle.remove()
     for st in stats.values():
         st.finish()
     return stats
@@ -331,6 +364,28 @@ def _round(w: torch.Tensor, st: _InputStats | None, plan: BlockPlan, name: str) 
     return rounding(plan.rounding)(w, plan.spec, name)
 
 
+def _gptq_stacked(
+    targets: list, stats: dict[str, _InputStats], groups: dict[str, list[str]], plan: BlockPlan, prefix: str
+) -> dict[str, QuantizedTensor]:
+    """GPTQ once per input group of 2+ Linears (q/k/v, gate/up), their weights stacked along the
+    output dim: rows are independent given the shared Hessian, so each Linear gets its own result,
+    with one factorisation and one column sweep instead of one per Linear. name -> its rows."""
+    mods, out = dict(targets), {}
+    for lead, names in groups.items():
+        st = stats.get(lead)
+        if len(names) < 2 or st is None or not st.usable:
+            continue
+        w = torch.cat([mods[n].weight.detach() for n in names])
+        qt = _round(w, st, plan, f"{prefix}.{{{','.join(names)}}}.weight")
+        start = 0
+        for n in names:
+            rows = slice(start, start + mods[n].weight.shape[0])
+            zp = None if qt.zero_point is None else qt.zero_point[rows].clone()
+            out[n] = QuantizedTensor(qt.codes[rows].clone(), qt.scale[rows].clone(), zp, qt.spec)
+            start = rows.stop
+    return out
+
+
 def _input_groups(block: nn.Module, arch: Architecture, targets: list) -> dict[str, list[str]]:
     """Selected Linears grouped by shared input (consumers of one scale map): lead name -> names."""
     shared = {}
@@ -369,9 +424,12 @@ def quantize_block(
         stats = _gather(block, groups, plan, hidden, kwargs)
         if plan.scales:
             _fold_maps(block, prefix, arch, plan, stats, lead_of, result)
+    stacked = _gptq_stacked(targets, stats, groups, plan, prefix) if plan.rounding == "gptq" else {}
     for name, m in targets:
         fqn, st = f"{prefix}.{name}", stats.get(lead_of[name])
-        if plan.needs_data and not st.usable:
+        if name in stacked:
+            qt = stacked[name]
+        elif plan.needs_data and not st.usable:
             qt = rounding("hqq")(m.weight.detach(), plan.spec, f"{fqn}.weight")
             result.uncalibrated[fqn] = "hqq"
         else:
@@ -390,11 +448,9 @@ def quantize_block(
 # ---- 3. the model ------------------------------------------------------------------------------
 
 
-def quantize_rest(
-    model: nn.Module, config: QuantConfig, select: Callable[[str], bool], summary: QuantSummary
-) -> None:
-    """Round the selected Linear/Embedding layers outside the blocks (embeddings, LM head) as
-    ``WeightOnly`` (RTN; HQQ for method "hqq") or ``Int8Dynamic`` (also for ``SmoothQuant``) do."""
+def rest_plan(config: QuantConfig) -> tuple[Plan, Rounding]:
+    """``(plan, rounding)`` for the Linear/Embedding layers outside the blocks (embeddings, LM head):
+    as ``WeightOnly`` (RTN; HQQ for method "hqq") or ``Int8Dynamic`` (also for ``SmoothQuant``) do."""
     if isinstance(config, (SmoothQuant, Int8Dynamic)):
 
         def plan(m: nn.Module):
@@ -403,9 +459,16 @@ def quantize_rest(
                 return (FLOAT_TO_Q[nn.Embedding], spec) if spec is not None else None
             return QDynamicLinear, config.linear_spec()
 
-        swap_weights(model, plan, select, summary, False)
-    else:
-        swap_weights(model, weight_plan(config), select, summary, False, rounding(config.method))
+        return plan, rtn
+    return weight_plan(config), rounding(config.method)
+
+
+def quantize_rest(
+    model: nn.Module, config: QuantConfig, select: Callable[[str], bool], summary: QuantSummary
+) -> None:
+    """Round the selected Linear/Embedding layers outside the blocks as ``rest_plan`` says."""
+    plan, quantize = rest_plan(config)
+    swap_weights(model, plan, select, summary, False, quantize)
 
 
 def check_calib(config: QuantConfig, calib: Iterable | None) -> list:
