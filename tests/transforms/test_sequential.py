@@ -50,8 +50,12 @@ def test_old_weight_only_dicts_still_load():
            "method": "rtn", "version": 1}  # fmt: skip
     c = config_from_dict(old)
     assert c.method == "rtn" and c.version == 1 and c.linear_spec() == WeightOnly().linear_spec()
+    assert c.true_sequential is False  # what versions 1 and 2 ran
+    v2 = {k: v for k, v in WeightOnly(method="gptq").to_dict().items() if k != "true_sequential"}
+    assert config_from_dict(v2 | {"version": 2}).true_sequential is False
+    assert WeightOnly().version == 3
     with pytest.raises(FormatVersionError, match="newer"):
-        config_from_dict(WeightOnly().to_dict() | {"version": 3})
+        config_from_dict(WeightOnly().to_dict() | {"version": 4})
 
 
 @pytest.mark.parametrize(
@@ -244,20 +248,21 @@ def test_row_chunks_round_the_same(monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _block0_stats(calib):
+def _block0_stats(calib, **config):
+    from lowbit.transforms import block as blk
     from lowbit.transforms import sequential as seq
 
     base = tiny_llama(hidden=64, intermediate=128)
     cap = seq.capture(base, "model.layers", calib)
     block = base.model.layers[0]
-    targets = seq._linears(block, "model.layers.0", lambda n: True)
-    groups = seq._input_groups(block, architecture(base.config), targets)
-    plan = seq.block_plan(WeightOnly(**W4, method="gptq"))
+    targets = blk._linears(block, "model.layers.0", lambda n: True)
+    groups = blk._input_groups(block, architecture(base.config), targets)
+    plan = seq.block_plan(WeightOnly(**W4, method="gptq", **config))
     return block, cap, targets, groups, plan
 
 
 def test_gather_stops_early_with_the_same_statistics():
-    from lowbit.transforms import sequential as seq
+    from lowbit.transforms import block as blk
 
     calib = [torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (16, 20, 24)]
     block, cap, targets, groups, plan = _block0_stats(calib)  # shapes differ: three forwards
@@ -274,24 +279,55 @@ def test_gather_stops_early_with_the_same_statistics():
     for h in hooks:
         h.remove()
     hook = block.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
-    stats = seq._gather(block, groups, plan, cap.hidden, cap.kwargs[0])
+    stats = blk.gather(block, groups, plan, cap.hidden, cap.kwargs[0])
     hook.remove()
     assert len(calls) == 1  # the last lead's product ran for the first batch only
+    assert list(stats) == ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
     for lead, xs in seen.items():
         x = torch.cat(xs)
         torch.testing.assert_close(stats[lead].hessian, 2 / x.shape[0] * x.t() @ x)
 
 
 def test_stacked_gptq_gives_each_linear_its_own_result():
-    from lowbit.transforms import sequential as seq
+    from lowbit.transforms import block as blk
 
     block, cap, targets, groups, plan = _block0_stats(_calib(n=4, length=16))
-    stats = seq._gather(block, groups, plan, cap.hidden, cap.kwargs[0])
-    stacked = seq._gptq_stacked(targets, stats, groups, plan, "model.layers.0")
-    assert sorted(stacked) == sorted(n for names in groups.values() if len(names) > 1 for n in names)
-    lead_of = {n: lead for lead, names in groups.items() for n in names}
-    for name, qt in stacked.items():
-        alone = seq._round(block.get_submodule(name).weight.detach(), stats[lead_of[name]], plan, name)
-        assert (qt.codes != alone.codes).float().mean() < 1e-3  # measured: equal
-        torch.testing.assert_close(qt.scale, alone.scale)
-        torch.testing.assert_close(qt.zero_point, alone.zero_point)
+    stats = blk.gather(block, groups, plan, cap.hidden, cap.kwargs[0])
+    mods, result = dict(targets), blk.BlockResult()
+    for lead, names in groups.items():
+        if len(names) < 2:
+            continue
+        stacked = blk._round_group(names, mods, stats[lead], plan, "model.layers.0", result)
+        assert list(stacked) == names
+        for name, qt in stacked.items():
+            alone = blk._round(mods[name].weight.detach(), stats[lead], plan, name)
+            assert (qt.codes != alone.codes).float().mean() < 1e-3  # measured: equal
+            torch.testing.assert_close(qt.scale, alone.scale)
+            torch.testing.assert_close(qt.zero_point, alone.zero_point)
+
+
+def _quantized_block0(true_sequential: bool):
+    from lowbit.transforms import block as blk
+
+    block, cap, targets, groups, plan = _block0_stats(_calib(n=4, length=16), true_sequential=true_sequential)
+    floats = {n: m.weight.detach().clone() for n, m in targets}
+    arch = architecture(tiny_llama(hidden=64, intermediate=128).config)
+    blk.quantize_block(block, "model.layers.0", plan, arch, lambda n: True, cap.hidden, cap.kwargs[0], False)
+    return block, cap, groups, plan, floats
+
+
+def test_true_sequential_takes_each_hessian_from_the_block_quantized_so_far():
+    from lowbit.transforms import block as blk
+
+    seq_block, cap, groups, plan, floats = _quantized_block0(True)
+    par_block = _quantized_block0(False)[0]
+    state = lambda b, name: b.get_submodule(name).state_dict()  # noqa: E731
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert all(same(state(seq_block, n), state(par_block, n)) for n in groups["self_attn.q_proj"])
+    assert not same(state(seq_block, "self_attn.o_proj"), state(par_block, "self_attn.o_proj"))
+    # down_proj, rounded last, saw the inputs the finished block gives it
+    st = blk.gather(seq_block, {"mlp.down_proj": ["mlp.down_proj"]}, plan, cap.hidden, cap.kwargs[0])
+    qt = blk._round(floats["mlp.down_proj"], st["mlp.down_proj"], plan, "down")
+    q = plan.qcls.from_float(torch.nn.Linear(*reversed(floats["mlp.down_proj"].shape), bias=False), plan.spec)
+    q.set_weight(qt)
+    assert same(q.state_dict(), state(seq_block, "mlp.down_proj"))

@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -244,15 +245,7 @@ def quantize_tables(
         if wid in left or (owner is None and spec.block_size(tuple(m.weight.shape))[0] != 1):
             left.add(wid)
             continue
-        if owner is not None:
-            q = cls.from_float(m, owner[1].spec)
-            q.share_weight(owner[1])
-            summary.tied[fqn] = owner[0]
-        else:
-            q = cls.from_float(m, spec)
-            _fill(q, quantize, source, keys[wid], m.weight.dtype, f"{fqn}.weight")
-            done[wid] = (fqn, q)
-        if getattr(m, "bias", None) is not None:
-            q.bias = m.bias.detach().clone()
-        model.set_submodule(fqn, q)
-        summary.quantized[fqn] = q.extra_repr()
+        fill = partial(_fill, quantize=quantize, source=source, key=keys[wid], dtype=m.weight.dtype,
+                       name=f"{fqn}.weight")  # fmt: skip
+        q = weight_only.swap_module(model, fqn, m, cls, spec, owner, fill, summary)
+        done.setdefault(wid, (fqn, q))

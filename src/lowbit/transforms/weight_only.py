@@ -7,6 +7,7 @@ Calibration-free methods (``rtn``, ``hqq``) round every layer on its own here; m
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -88,17 +89,38 @@ def swap_weights(
         targets.append((fqn, m, *choice))
     done: dict[int, tuple[str, QuantizedWeightModule]] = {}  # id(float weight) -> first quantized owner
     for fqn, m, cls, spec in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
-        owner = done.get(id(m.weight))
-        if owner is not None:
-            q = cls.from_float(m, owner[1].spec)
-            q.share_weight(owner[1])
-            summary.tied[fqn] = owner[0]
-        else:
-            q = cls.from_float(m, spec)
-            q.set_weight(by_rows(quantize, m.weight.detach(), spec, f"{fqn}.weight"))
-            done[id(m.weight)] = (fqn, q)
-        if getattr(m, "bias", None) is not None:
-            q.bias = m.bias.detach().clone()
-        model.set_submodule(fqn, q)
-        summary.quantized[fqn] = q.extra_repr()
+        fill = partial(_set_rows, quantize=quantize, weight=m.weight, name=f"{fqn}.weight")
+        q = swap_module(model, fqn, m, cls, spec, done.get(id(m.weight)), fill, summary)
+        done.setdefault(id(m.weight), (fqn, q))
     return summary
+
+
+def _set_rows(q: QuantizedWeightModule, quantize: Rounding, weight: torch.Tensor, name: str) -> None:
+    q.set_weight(by_rows(quantize, weight.detach(), q.spec, name))
+
+
+def swap_module(
+    model: nn.Module,
+    fqn: str,
+    m: nn.Module,
+    cls: type[QuantizedWeightModule],
+    spec: QuantSpec,
+    owner: tuple[str, QuantizedWeightModule] | None,
+    fill: Callable[[QuantizedWeightModule], None],
+    summary: QuantSummary,
+) -> QuantizedWeightModule:
+    """Put ``cls.from_float(m)`` at ``fqn``: sharing ``owner``'s weight (``(fqn, module)`` of a tied
+    weight quantized before, recorded in ``summary.tied``) or given its weight by ``fill(q)``; the bias
+    copied; recorded in ``summary.quantized``."""
+    if owner is not None:
+        q = cls.from_float(m, owner[1].spec)
+        q.share_weight(owner[1])
+        summary.tied[fqn] = owner[0]
+    else:
+        q = cls.from_float(m, spec)
+        fill(q)
+    if getattr(m, "bias", None) is not None:
+        q.bias = m.bias.detach().clone()
+    model.set_submodule(fqn, q)
+    summary.quantized[fqn] = q.extra_repr()
+    return q
