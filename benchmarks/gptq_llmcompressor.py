@@ -14,10 +14,15 @@ Same model, calibration batches and evaluation for both, in one run:
 
 llm-compressor runs ``oneshot`` (its sequential pipeline, default batch size 1, minmax weight observer);
 lowbit runs ``quantize_`` with ``WeightOnly(method="gptq")`` (block-by-block pipeline, its default
-``mse_clip=True``; variant ``lowbit-minmax`` turns it off). Seconds: wall time of that one call,
-model loading and evaluation excluded. Each variant runs in its own process (clean peak RSS, no state
-shared); peak RSS is ``ru_maxrss`` after quantizing (loading included). The 1-minute load average
-before and after each variant is recorded: on a shared machine compare seconds within one run only.
+``mse_clip=True``; variant ``lowbit-minmax`` turns it off). lowbit's default ``compute_dtype="auto"``
+runs the calibration forwards in bfloat16 on CPUs with native bf16 matmuls (AMX here), Hessians from
+bf16 inputs with float32 sums, rounding in float32; variant ``lowbit-fp32`` runs them in float32,
+llm-compressor's arithmetic on an fp32 model. Variant ``llmcompressor-bf16`` gives llm-compressor the
+same kind of speed-up: the model is cast to bfloat16 for ``oneshot`` (its Hessians and rounding stay
+float32) and back to float32 to be evaluated. Seconds: wall time of that one call, model loading and
+evaluation excluded. Each variant runs in its own process (clean peak RSS, no state shared); peak RSS
+is ``ru_maxrss`` after quantizing (loading included). The 1-minute load average before and after each
+variant is recorded: on a shared machine compare seconds within one run only.
 Writes benchmarks/results/gptq_llmcompressor.{json,md}. Needs ``make bench-venv``.
 Run: make bench-gptq, or .venv-bench/bin/python benchmarks/gptq_llmcompressor.py --samples 4 --seq-len 128
 """
@@ -36,7 +41,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-KINDS = ("fp32", "llmcompressor", "lowbit", "lowbit-minmax")
+KINDS = ("fp32", "llmcompressor", "llmcompressor-bf16", "lowbit", "lowbit-fp32", "lowbit-minmax")
 EXCLUDE = ("model.embed_tokens", "lm_head")
 
 
@@ -56,11 +61,11 @@ def _llmcompressor(model, tok, batches: list, group: int) -> int:
     return sum(1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
 
 
-def _lowbit(model, batches: list, group: int, mse_clip: bool) -> int:
+def _lowbit(model, batches: list, group: int, mse_clip: bool, compute: str) -> int:
     import lowbit
 
     config = lowbit.WeightOnly(bits=4, group_size=group, method="gptq", damp=0.01, act_order=True,
-                               mse_clip=mse_clip)  # fmt: skip
+                               mse_clip=mse_clip, compute_dtype=compute)  # fmt: skip
     return len(lowbit.quantize_(model, config, calib=batches, exclude=EXCLUDE).quantized)
 
 
@@ -73,13 +78,17 @@ def child(kind: str, group: int, samples: int, seq_len: int, eval_n: int) -> dic
     model, tok = lowbit.models.load("smollm2-135m", progress=False)
     batches = calib_batches(tok, samples, seq_len)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
-    if kind == "llmcompressor":
+    if kind.startswith("llmcompressor"):
+        if kind.endswith("bf16"):
+            model.to(torch.bfloat16)
         layers = _llmcompressor(model, tok, batches, group)
-    elif kind in ("lowbit", "lowbit-minmax"):
-        layers = _lowbit(model, batches, group, mse_clip=kind == "lowbit")
+    elif kind.startswith("lowbit"):
+        compute = "float32" if kind == "lowbit-fp32" else "auto"
+        layers = _lowbit(model, batches, group, mse_clip=kind != "lowbit-minmax", compute=compute)
     else:
         layers = 0
     seconds = time.perf_counter() - t0
+    model.float()
     row = {"variant": kind if kind == "fp32" else f"{kind} w4g{group}", "kind": kind, "group": group}
     row |= {"layers": layers, "seconds": round(seconds, 1), "load_before": load0}
     row["load_after"] = os.getloadavg()[0]
@@ -112,8 +121,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=64, help="calibration samples (the issue: 64)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
-    p.add_argument("--groups", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--variants", nargs="+", default=["fp32", "llmcompressor", "lowbit"], choices=KINDS)
+    p.add_argument("--groups", type=int, nargs="+", default=[64], help="the issue quotes w4g64")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=KINDS,
+        default=["fp32", "llmcompressor", "llmcompressor-bf16", "lowbit", "lowbit-fp32"],
+    )
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--out", default="gptq_llmcompressor", help="results file stem in benchmarks/results")
@@ -151,18 +165,24 @@ def markdown(rows: list[dict], env: dict) -> str:
         f"SmolLM2-135M fp32, int4 asymmetric group GPTQ of the decoder Linears, {env['samples']} x "
         f"{env['seq_len']} calibration tokens, perplexity on {env['eval_tokens']} held-out Wikipedia tokens "
         f"(window 512). CPU, {env['threads']} threads; seconds = the quantization call only.\n",
-        "| variant | Linears | ppl | seconds | vs llm-compressor | peak RSS MiB | load avg before/after |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | Linears | ppl | seconds | vs llm-compressor | vs llm-compressor bf16 | peak RSS MiB "
+        "| load avg before/after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    peer = {r["group"]: r["seconds"] for r in rows if r["kind"] == "llmcompressor" and "error" not in r}
+    peers = [
+        {r["group"]: r["seconds"] for r in rows if r["kind"] == kind and "error" not in r}
+        for kind in ("llmcompressor", "llmcompressor-bf16")
+    ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['variant']} | failed: {r['error']} | | | | | |")
+            out.append(f"| {r['variant']} | failed: {r['error']} | | | | | | |")
             continue
-        speed = f"{peer[r['group']] / r['seconds']:.2f}x" if r["group"] in peer and r["seconds"] else "-"
+        speed = [
+            f"{p[r['group']] / r['seconds']:.2f}x" if r["group"] in p and r["seconds"] else "-" for p in peers
+        ]
         secs = f"{r['seconds']:.1f}" if r["kind"] != "fp32" else "-"
         load = f"{r['load_before']:.1f} / {r['load_after']:.1f}"
-        out.append(f"| {r['variant']} | {r['layers']} | {r['ppl']:.2f} | {secs} | {speed} | "
+        out.append(f"| {r['variant']} | {r['layers']} | {r['ppl']:.2f} | {secs} | {speed[0]} | {speed[1]} | "
                    f"{r['peak_rss_mib']} | {load} |")  # fmt: skip
     return "\n".join(out) + f"\n\n{json.dumps(env)}\n"
 

@@ -134,6 +134,7 @@ def quantize_and_save(
         "tied": summary.tied,
         "kept_float": summary.skipped,
         "uncalibrated": getattr(summary, "uncalibrated", {}),
+        "compute_dtype": getattr(summary, "compute_dtype", None),
         "folded_batchnorm": len(summary.folded),
         "float_ops": summary.float_ops,
         "quantize_seconds": round(seconds, 2),

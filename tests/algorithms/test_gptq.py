@@ -308,3 +308,20 @@ def test_accumulator_errors():
         acc.hessian()
     with pytest.raises(LowbitError, match="in_features=8"):
         acc.update(torch.randn(4, 9))
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 301])
+def test_in_place_factor_and_reverse(n):
+    from lowbit.algorithms.gptq import _cholesky_, _reverse_
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n + 3, n, generator=g)
+    h = x.t() @ x + torch.eye(n)
+    a = h.clone()
+    ptr = a.data_ptr()
+    assert _cholesky_(a) and a.data_ptr() == ptr
+    torch.testing.assert_close(a, torch.linalg.cholesky(h))
+    flipped = a.flip(0, 1)
+    assert _reverse_(a, chunk=7) is a and torch.equal(a, flipped)
+    bad = -torch.eye(n)
+    assert not _cholesky_(bad)

@@ -69,6 +69,7 @@ from lowbit.transforms.sequential import (
     capture,
     check_calib,
     merge,
+    pipeline_summary,
     quantize_block,
     quantize_rest,
     rest_plan,
@@ -423,13 +424,15 @@ def quantize_folder(
     plan = block_plan(config)
     batches = check_calib(config, calib)
     map_big_allocations()
+    trim_heap()  # what the caller freed (e.g. a tokenizer, 0.17 GB for Qwen2.5) leaves the heap now
     source = Source(src)
     model, path = _skeleton(src, source)
     select = Selector(include, exclude)
     fingerprint = {"config": config.to_dict(), "include": list(include), "exclude": list(exclude)}
     fingerprint |= {"source": source.stamp(), "calib": _digest(batches) if plan.needs_data else None}
+    summary = pipeline_summary(config, plan, model)
     fingerprint |= {"n_blocks": len(model.get_submodule(path)), "torch": torch.__version__}
-    summary = PipelineSummary(config)
+    fingerprint |= {"compute_dtype": summary.compute_dtype}  # "auto" resolves per machine
     stage_dir = out.parent / f".{out.name}{STAGE_SUFFIX}"
     try:
         stage = _Stage(out, fingerprint, resume, progress, plan.needs_data)

@@ -31,14 +31,14 @@ from lowbit.algorithms.rtn import rtn
 from lowbit.core.errors import LowbitError
 from lowbit.nn.dynamic import QDynamicLinear
 from lowbit.nn.modules import FLOAT_TO_Q
-from lowbit.transforms.block import BlockPlan, BlockResult, quantize_block
+from lowbit.transforms.block import BlockPlan, BlockResult, compute_dtype, quantize_block
 from lowbit.transforms.calibrate import input_spec
 from lowbit.transforms.configs import Int8Dynamic, QuantConfig, SmoothQuant, WeightOnly
 from lowbit.transforms.mappings import architecture, blocks_path
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
 from lowbit.transforms.weight_only import Plan, Rounding, rounding, swap_weights, weight_plan
 
-CHUNK_TOKENS = 4096  # calibration samples of equal shape are stacked up to this many tokens per forward
+CHUNK_TOKENS = 2048  # calibration samples of equal shape are stacked up to this many tokens per forward
 
 
 @dataclass
@@ -47,16 +47,20 @@ class PipelineSummary(QuantSummary):
 
     uncalibrated: Linears that saw no calibration token -> how they were rounded instead.
     scaled: producer fqn -> the consumers its equivalence scales were folded into (AWQ/SmoothQuant).
+    compute_dtype: matmul dtype of the calibration forwards (None: no calibration forward ran).
     """
 
     uncalibrated: dict[str, str] = field(default_factory=dict)
     scaled: dict[str, str] = field(default_factory=dict)
+    compute_dtype: str | None = None
 
     def __str__(self) -> str:
         lines = [super().__str__()]
         if self.scaled:
             lines.append(f"  scaled: {len(self.scaled)} producer -> consumer groups")
         lines += [f"  no calibration tokens: {k} ({v})" for k, v in self.uncalibrated.items()]
+        if self.compute_dtype:
+            lines.append(f"  calibration forwards in {self.compute_dtype}")
         return "\n".join(lines)
 
 
@@ -78,7 +82,7 @@ def block_plan(config: QuantConfig) -> BlockPlan:
     return BlockPlan(
         config.linear_spec(), scales=scales, rounding=rnd, damp=config.damp,
         act_order=config.act_order, mse_clip=config.mse_clip, grid=config.awq_grid,
-        true_sequential=config.true_sequential,
+        true_sequential=config.true_sequential, compute=config.compute_dtype,
     )  # fmt: skip
 
 
@@ -136,7 +140,8 @@ def _call(model: nn.Module, batch) -> None:
 def regroup(batches: list, tokens: int = CHUNK_TOKENS) -> list[tuple[object, str]]:
     """``(batch, label)``: consecutive token tensors of equal shape ``(b, L)`` stacked into ``(k * b, L)``
     batches of at most ``tokens`` tokens (one forward each: 3x faster than ``(1, 512)`` at a time on
-    CPU); other batches (mappings with attention masks, tuples) as they are. ``label`` names the
+    CPU; 2048 tokens run as fast as 4096 and halve the MLP's activations, 4 x 2048 x 4864 floats for
+    Qwen2.5-0.5B); other batches (mappings with attention masks, tuples) as they are. ``label`` names the
     original batch indices for errors ("3" or "0-7")."""
     out, run, first = [], [], 0
     for i, b in enumerate([*batches, None]):
@@ -230,7 +235,7 @@ def quantize_sequential(
     arch = architecture(getattr(model, "config", None))
     path = blocks_path(model, arch)
     blocks = model.get_submodule(path)
-    summary = PipelineSummary(config)
+    summary = pipeline_summary(config, plan, model)
     was_training = model.training
     model.eval()
     try:
@@ -245,6 +250,17 @@ def quantize_sequential(
         quantize_rest(model, config, lambda fqn: select(fqn) and not fqn.startswith(path + "."), summary)
     finally:
         model.train(was_training)
+    return summary
+
+
+def pipeline_summary(config: QuantConfig, plan: BlockPlan, model: nn.Module) -> PipelineSummary:
+    """An empty summary of ``config`` that names the calibration forwards' dtype on ``model``'s device
+    (the first parameter not on meta; CPU if none)."""
+    summary = PipelineSummary(config)
+    if plan.needs_data:
+        p = next((p for p in model.parameters() if not p.is_meta), None)
+        dtype = compute_dtype(plan.compute, "cpu" if p is None else p.device)
+        summary.compute_dtype = str(dtype).removeprefix("torch.")
     return summary
 
 
