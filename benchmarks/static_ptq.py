@@ -12,7 +12,9 @@ against the fp32 model run the same way:
 | mobilenetv2       | photo crops, calib photos | top-1 agreement with fp32 on the eval photos' crops     |
 | minilm-l6         | Lee corpus, calib part    | embedding cosine to fp32 (eval sentences), WordSim-353 |
 
-Latency: ONNX Runtime, batch 1, fp32 vs int8 models timed in interleaved rounds (median). Calibration
+Latency: ONNX Runtime, batch 1, fp32 vs int8 models timed in interleaved rounds (median), with ONNX
+Runtime's default threads (one per core) and again with one thread (the int8/fp32 ratio depends on it:
+int8 kernels gain less from the second core). Calibration
 time: wall seconds of ``quantize_`` (lowbit) and ``quantize_static`` (ONNX Runtime) for 512 samples.
 Writes benchmarks/results/static_ptq.{json,md}. Run: make bench-static (or python this file).
 """
@@ -48,9 +50,11 @@ ORT_VARIANTS = {"ort per-tensor minmax": (False, "MinMax"), "ort per-channel min
 ENTROPY_SAMPLES = {"mobilenetv2": 128}
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """ONNX Runtime CPU session; ``threads`` intra-op threads (0: ONNX Runtime's default, one per core)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -93,9 +97,11 @@ def run_outputs(path: Path, inputs: list) -> np.ndarray:
     return np.concatenate([s.run(None, {k: v for k, v in feeds(b).items() if k in names})[0] for b in inputs])
 
 
-def latency_us(paths: dict[str, Path], example, rounds: int, calls: int) -> dict[str, float]:
+def latency_us(
+    paths: dict[str, Path], example, rounds: int, calls: int, threads: int = 0
+) -> dict[str, float]:
     """Median microseconds per batch-1 call, variants interleaved round by round."""
-    sessions = {k: session(p) for k, p in paths.items()}
+    sessions = {k: session(p, threads) for k, p in paths.items()}
     inputs = {k: {n: v for n, v in feeds(example).items() if n in {i.name for i in s.get_inputs()}}
               for k, s in sessions.items()}  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in sessions}
@@ -193,9 +199,11 @@ def bench_model(name: str, observers, quick: bool, tmp: Path, equalize: bool = F
     ref = run_outputs(paths["fp32"], task.inputs)
     scores = {k: task.score(run_outputs(p, task.inputs), ref) for k, p in paths.items()}
     lat = latency_us(paths, example, rounds=3 if quick else 15, calls=10 if quick else 20)
+    lat1 = latency_us(paths, example, rounds=3 if quick else 9, calls=10 if quick else 20, threads=1)
     return {"model": name, "calib_samples": sum(len(b["input_ids"]) if isinstance(b, dict) else len(b)
                                                 for b in batches),  # fmt: skip
-            "scores": scores, "latency_us": lat, "calib_seconds": calib_s, "lowbit": summaries,
+            "scores": scores, "latency_us": lat, "latency_us_1thread": lat1, "calib_seconds": calib_s,
+            "lowbit": summaries,
             "onnx_bytes": {k: p.stat().st_size for k, p in paths.items()}, "failed": failed}  # fmt: skip
 
 
@@ -203,10 +211,11 @@ def markdown(results: list[dict]) -> str:
     lines = []
     for r in results:
         metrics = list(next(iter(r["scores"].values())))
-        head = "| variant | " + " | ".join(metrics) + " | ORT latency (us) | vs fp32 | calibration (s) | MB |"
+        head = "| variant | " + " | ".join(metrics) + " | ORT latency (us) | vs fp32 "
+        head += "| 1 thread (us) | vs fp32 | calibration (s) | MB |"
         lines += [f"### {r['model']} ({r['calib_samples']} calibration samples)", "", head,
-                  "|---|" + "---:|" * (len(metrics) + 4)]  # fmt: skip
-        base = r["latency_us"]["fp32"]
+                  "|---|" + "---:|" * (len(metrics) + 6)]  # fmt: skip
+        base, lat1 = r["latency_us"]["fp32"], r.get("latency_us_1thread", {})
         for k, sc in r["scores"].items():
             vals = " | ".join(f"{v:.4f}" if isinstance(v, float) and abs(v) < 2 else f"{v:.2f}"
                               if isinstance(v, float) else str(v) for v in sc.values())  # fmt: skip
@@ -214,7 +223,8 @@ def markdown(results: list[dict]) -> str:
             cal = r["calib_seconds"].get(k)
             cal_s = "-" if cal is None else f"{cal:.1f}"
             mb = r["onnx_bytes"][k] / 1e6
-            lines.append(f"| {k} | {vals} | {lat:.0f} | {base / lat:.2f}x | {cal_s} | {mb:.1f} |")
+            one = f"{lat1[k]:.0f} | {lat1['fp32'] / lat1[k]:.2f}x" if k in lat1 else "- | -"
+            lines.append(f"| {k} | {vals} | {lat:.0f} | {base / lat:.2f}x | {one} | {cal_s} | {mb:.1f} |")
         lines += [f"| {k} | failed: {err[:100]} |" for k, err in r["failed"].items()]
         lines.append("")
     return "\n".join(lines)

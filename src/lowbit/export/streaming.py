@@ -10,7 +10,7 @@ The embedding table and an untied LM head are quantized last, read and rounded a
 into the output. Peak memory: one float block, the captured activations (``n * L * hidden`` float32)
 and, for GPTQ, a Hessian per Linear input of the block and its rounding's temporaries; never a whole
 float table. Measured on Qwen2.5-0.5B (2.5 GB fp32; vocabulary 151936 x 896, untied head), GPTQ on
-16 x 512 tokens (``lowbit quantize --streaming``): peak RSS 1.13 GiB (1.21 GB), against 2.37 GB with
+16 x 512 tokens (``lowbit quantize --streaming``): peak RSS 0.93 GiB (0.99 GB), against 2.37 GB with
 whole tables and 6.7 GB in memory; importing torch and transformers alone takes 0.25 GB.
 
 Staging (``.<out name>.lowbit-partial`` beside ``out``): ``block-<i>.safetensors`` (block ``i``'s tensors,
