@@ -87,6 +87,32 @@ def test_encoder_qdq_with_named_inputs(tmp_path):
     assert np.abs(_ort(path, feeds) - ours).max() <= 1e-5 * np.abs(ours).max()
 
 
+class SharedInput(nn.Module):
+    """Three 3-d Linears reading one tensor (as q/k/v projections do), then one reading their sum."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        return self.o(self.q(x) * self.k(x) + self.v(x))
+
+
+def test_layers_reading_one_tensor_share_its_qdq(tmp_path):
+    model = SharedInput().eval()
+    quantize_(model, StaticW8A8(), calib=[torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(s))
+                                          for s in range(3)])  # fmt: skip
+    x = torch.randn(2, 7, 16)
+    path = export_onnx(model, x[:1], tmp_path / "shared.onnx")
+    assert _ops(path).count("QuantizeLinear") == 2  # one for x (q, k, v), one for o's input
+    with torch.no_grad():
+        ours = model(x).numpy()
+    assert np.abs(_ort(path, {"input": x}) - ours).max() <= 1e-5 * np.abs(ours).max()
+    ref = ReferenceEvaluator(str(path)).run(None, {"input": x.numpy()})[0]
+    assert np.abs(ref - ours).max() <= 1e-5 * np.abs(ours).max()
+
+
 def test_float_model_exports_as_is(tmp_path):
     net = _cnn()
     x = torch.randn(2, 1, 12, 12)

@@ -9,7 +9,8 @@ Runtime's own quantizer writes QDQ models:
 |-------------------|--------------------------------------------------------------------------------|
 | weight            | int8 initializer + DequantizeLinear (per output channel)                       |
 | bias              | int32 initializer ``round(b / (x_scale * w_scale))`` + DequantizeLinear        |
-| input activation  | QuantizeLinear -> DequantizeLinear with the calibrated input qparams            |
+| input activation  | QuantizeLinear -> DequantizeLinear with the calibrated input qparams (one pair  |
+|                   | per tensor and qparams: layers reading the same tensor alike share it)         |
 | output activation | QuantizeLinear -> DequantizeLinear with the calibrated output qparams           |
 |                   | (``requantize_output`` False: none; the bias stays float except in a Gemm)     |
 | ``QStaticAdd``    | QuantizeLinear -> DequantizeLinear after its Add node (found by scope name)     |
@@ -161,6 +162,7 @@ class _QDQRewriter:
         self.new_nodes: list = []  # inserted nodes; ``finish`` puts everything in topological order
         self.dropped: set[str] = set()  # first outputs of removed nodes (protobuf wrappers have no stable id)
         self.pruned: list[str] = []  # static layers absent from the graph (e.g. an unused pooler)
+        self.input_dq: dict[tuple, str] = {}  # (tensor, scale, zero point) -> its Q/DQ output
 
     def _consumers(self, name: str):
         return [n for n in self.graph.node if name in n.input]
@@ -232,10 +234,15 @@ class _QDQRewriter:
         return f"{fqn}.bias_dq"
 
     def _input(self, fqn: str, q, node, index: int) -> None:
-        src = node.input[index]
+        """Q/DQ of ``node``'s input ``index``; layers reading one tensor with equal qparams (q/k/v
+        projections) share one pair, as ONNX Runtime's quantizer writes it."""
+        src, scale = node.input[index], float(q.input_scale)
         zp = q.input_zero_point.numpy().copy()
-        self._qdq(src, f"{fqn}.input_dq", float(q.input_scale), zp, f"{fqn}.input")
-        node.input[index] = f"{fqn}.input_dq"
+        key = (src, scale, zp.dtype.str, zp.tobytes())
+        if key not in self.input_dq:
+            self._qdq(src, f"{fqn}.input_dq", scale, zp, f"{fqn}.input")
+            self.input_dq[key] = f"{fqn}.input_dq"
+        node.input[index] = self.input_dq[key]
 
     def _activation(self, fqn: str, q, node, out_name: str) -> None:
         """Input Q/DQ before ``node``; output Q/DQ after ``out_name`` (consumers keep reading its name)."""
