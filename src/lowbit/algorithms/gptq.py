@@ -48,8 +48,9 @@ class HessianAccumulator:
     """Running ``H = 2/n * sum x x^T`` over input rows; ``n`` counts the rows seen.
 
     ``dtype`` (float32 or float64) is the accumulation dtype; ``hessian()`` returns float32.
-    Products are taken in ``dtype`` too: bf16 partial sums (4x faster with AMX) made the Hessian of
-    SmolLM2's first o_proj indefinite at GPTQ's 1% dampening.
+    Products are ``dtype`` matmuls, summed in ``dtype`` (inside ``lowbit.transforms.block``'s bf16
+    compute context oneDNN rounds their float32 inputs to bf16 first, still summing in float32). Plain
+    bf16 partial sums (4x faster with AMX) made SmolLM2's first o_proj Hessian indefinite at 1% damp.
     """
 
     def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float32) -> None:

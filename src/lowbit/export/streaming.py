@@ -428,9 +428,9 @@ def quantize_folder(
     source = Source(src)
     model, path = _skeleton(src, source)
     select = Selector(include, exclude)
+    summary = pipeline_summary(config, plan, model)
     fingerprint = {"config": config.to_dict(), "include": list(include), "exclude": list(exclude)}
     fingerprint |= {"source": source.stamp(), "calib": _digest(batches) if plan.needs_data else None}
-    summary = pipeline_summary(config, plan, model)
     fingerprint |= {"n_blocks": len(model.get_submodule(path)), "torch": torch.__version__}
     fingerprint |= {"compute_dtype": summary.compute_dtype}  # "auto" resolves per machine
     stage_dir = out.parent / f".{out.name}{STAGE_SUFFIX}"
