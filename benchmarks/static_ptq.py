@@ -3,7 +3,9 @@
 For each model: lowbit's ``StaticW8A8`` (several observers) and ``onnxruntime.quantization.quantize_static``
 (QDQ, uint8 activations, int8 weights; per-tensor, its default, and per-channel) calibrate on the same
 512 samples; every int8 model runs in ONNX Runtime (lowbit's through ``export_onnx``) and is scored
-against the fp32 model run the same way (``EXTRA`` adds lowbit rows with some layers left float):
+against the fp32 model run the same way (``EXTRA`` adds lowbit rows with other options, ``REFERENCES``
+rows that are not quantized: the fp32 model with its weights rounded to bf16, a yardstick for how many
+of the eval crops a tiny perturbation flips):
 
 | model             | calibration (512)         | metric                                                  |
 |-------------------|---------------------------|---------------------------------------------------------|
@@ -48,10 +50,19 @@ ORT_VARIANTS = {"ort per-tensor minmax": (False, "MinMax"), "ort per-channel min
 # ONNX Runtime's histogram calibration keeps every intermediate output of every batch in memory: 512
 # MobileNetV2 crops need more than this machine's 24 GiB (OOM-killed), so that variant gets fewer.
 ENTROPY_SAMPLES = {"mobilenetv2": 128}
-# Extra lowbit rows: (label, observer, exclude patterns). MobileNetV2's stem conv (3 -> 32 channels, 864
-# weights) reads the image itself; kept float it is both its most sensitive layer and one whose int8
-# kernel (im2col over 27 taps) is no faster than ONNX Runtime's fp32 NCHWc conv.
-EXTRA = {"mobilenetv2": [("lowbit percentile, stem conv float", "percentile", ("features.0.0",))]}
+# Extra lowbit rows: (label, observer, exclude patterns, other StaticW8A8 options). MobileNetV2's stem conv
+# (3 -> 32 channels, 864 weights) reads the image itself; kept float it is both its most sensitive layer
+# and one whose int8 kernel (im2col over 27 taps) is no faster than ONNX Runtime's fp32 NCHWc conv.
+EXTRA = {
+    "mobilenetv2": [
+        ("lowbit percentile, stem conv float", "percentile", ("features.0.0",), {}),
+        ("lowbit percentile, no ReLU6 stretch", "percentile", (), {"stretch_relu6": False}),
+    ]
+}
+# Reference rows, no quantization: how far a small perturbation alone moves the score. MobileNetV2's
+# eval crops hold many near ties (cat breeds, cup vs espresso): weights rounded to bf16 (8 significant
+# bits, relative error <= 2**-9) already flip some of them.
+REFERENCES = {"mobilenetv2": ["fp32, weights rounded to bf16"]}
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -93,6 +104,16 @@ def ort_quantize(fp32: Path, out: Path, batches, per_channel: bool, method: str)
             extra_options={"CalibMaxIntermediateOutputs": 5},
         )  # fmt: skip
     return time.perf_counter() - t0
+
+
+def bf16_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every Conv2d/Linear weight rounded to bfloat16 (stored as float32)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in out.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.copy_(m.weight.to(torch.bfloat16).float())
+    return out
 
 
 def run_outputs(path: Path, inputs: list) -> np.ndarray:
@@ -181,15 +202,21 @@ def bench_model(name: str, observers, quick: bool, tmp: Path, equalize: bool = F
     example = {k: v[:1] for k, v in batches[0].items()} if isinstance(batches[0], dict) else batches[0][:1]
     paths = {"fp32": export_onnx(model, example, tmp / f"{name}-fp32.onnx")}
     calib_s, summaries = {}, {}
-    runs = [(f"lowbit {obs}", obs, ()) for obs in observers]
+    for label in REFERENCES.get(name, ()):
+        paths[label] = export_onnx(bf16_weights(model), example, tmp / f"{name}-bf16w.onnx")
+    runs = [(f"lowbit {obs}", obs, (), {}) for obs in observers]
     runs += [r for r in EXTRA.get(name, ()) if r[1] in observers]
-    for i, (label, obs, exclude) in enumerate(runs):
+    for i, (label, obs, exclude, options) in enumerate(runs):
         q = copy.deepcopy(model)
         t0 = time.perf_counter()
-        cfg = lowbit.StaticW8A8(observer=obs, equalize=equalize)
+        cfg = lowbit.StaticW8A8(observer=obs, equalize=equalize, **options)
         summary = lowbit.quantize_(q, cfg, batches, exclude=exclude)
         calib_s[label] = time.perf_counter() - t0
-        summaries[label] = {"quantized": len(summary.quantized), "float_ops": summary.float_ops}
+        summaries[label] = {
+            "quantized": len(summary.quantized),
+            "float_ops": summary.float_ops,
+            "stretched": len(summary.stretched),
+        }
         paths[label] = export_onnx(q, example, tmp / f"{name}-lowbit-{i}.onnx")
     failed = {}
     for label, (per_channel, method) in ORT_VARIANTS.items():

@@ -12,6 +12,7 @@ from lowbit.algorithms.equalize import (
     input_ranges,
     output_ranges,
     scale_pair,
+    stretch_scales,
 )
 
 # (name, channels between the layers, layer-2 groups, layer-2 out channels, kernel); kernel 0 = Linear
@@ -98,3 +99,16 @@ def test_bad_shapes(r1, r2, match):
 def test_groups_must_divide_out_channels():
     with pytest.raises(LowbitError, match="not divisible by groups=4"):
         input_ranges(torch.randn(6, 2, 3, 3), groups=4)
+
+
+def test_stretch_scales():
+    peak = torch.tensor([6.0, 8.0, 2.0, 0.1, 0.0, float("nan")])
+    s = stretch_scales(peak, limit=6.0, headroom=1.5, cap=16.0)
+    # at or above limit / headroom: 1; 2 -> 6 / 3; 0.1 -> 40 capped at 16; dead and NaN channels: 1
+    torch.testing.assert_close(s, torch.tensor([1.0, 1.0, 2.0, 16.0, 1.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("headroom,cap", [(0.5, 16.0), (1.5, 0.5)], ids=["headroom", "cap"])
+def test_stretch_scales_bad_options(headroom, cap):
+    with pytest.raises(LowbitError, match="headroom >= 1 and cap >= 1"):
+        stretch_scales(torch.ones(2), headroom=headroom, cap=cap)

@@ -80,3 +80,19 @@ def equalize_pair(
     """
     s = equalization_scales(output_ranges(w1), input_ranges(w2, groups2))
     return (*scale_pair(w1, b1, w2, s, groups2), s)
+
+
+def stretch_scales(peak: Tensor, limit: float = 6.0, headroom: float = 1.5, cap: float = 16.0) -> Tensor:
+    """Factors ``s = clamp(limit / (headroom * peak), 1, cap)`` (float64) per channel of a clipped activation.
+
+    ``peak (c,)``: each channel's largest value of ``min(relu(x), limit)`` on calibration data. Scaling
+    channel ``i`` of the layer before by ``s_i`` and the reader of that channel by ``1 / s_i`` keeps the
+    float model wherever the activation stays below ``headroom * peak_i`` (the clip moves from ``limit``
+    to ``limit / s_i >= headroom * peak_i`` in the old units), and spreads a quiet channel over more of a
+    per-tensor quantization grid. Channels with a zero (dead) or non-finite peak keep ``s = 1``.
+    """
+    if headroom < 1 or cap < 1:
+        raise LowbitError(f"stretch needs headroom >= 1 and cap >= 1, got {headroom} and {cap}")
+    p = peak.double()
+    s = (limit / (headroom * p)).clamp(1.0, cap)
+    return torch.where((p > 0) & torch.isfinite(p), s, torch.ones_like(s))

@@ -241,10 +241,15 @@ class StaticW8A8(QuantConfig):
         a ReLU6 between a pair becomes a ReLU when the layer before absorbs it (``fuse_activations``),
         else that pair is left alone. Off by default: with per-channel weights it has little to fix,
         and on MobileNetV2 (all ReLU6) it lowers top-1 agreement (README, static PTQ).
-    Version 2 added ``equalize``; version-1 dicts load unchanged (``equalize=False``, what they ran).
+    stretch_relu6: before calibration, each ``layer -> ReLU6 -> depthwise conv`` chain gets its quiet
+        channels scaled up (the depthwise filter down) toward the top of the ReLU6 range, from the peaks
+        one extra pass over ``calib`` measures (``lowbit.transforms.equalize.stretch_relu6_``). Exact in
+        float below 1.5x each channel's calibrated peak; no-op for models without such chains.
+    Version 2 added ``equalize``, version 3 ``stretch_relu6``; older dicts load with what they ran
+    (``equalize=False``, ``stretch_relu6=False``).
     """
 
-    VERSION = 2
+    VERSION = 3
 
     observer: str = "minmax"
     percentile: float = 99.99
@@ -255,7 +260,8 @@ class StaticW8A8(QuantConfig):
     int8_outputs: str = "conv"
     bias_correction: bool = True
     equalize: bool = False
-    version: int = 2
+    stretch_relu6: bool = True
+    version: int = 3
 
     def __post_init__(self) -> None:
         if self.activation_format not in ("uint8", "int8"):
@@ -268,3 +274,7 @@ class StaticW8A8(QuantConfig):
             raise LowbitError(f"weight_observer must be 'minmax' or 'mse', got {self.weight_observer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise LowbitError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        return {"stretch_relu6": False, **d} if int(d.get("version", 1)) < 3 else d

@@ -38,6 +38,7 @@ class QuantSummary:
     folded: dict[str, str] = field(default_factory=dict)  # BatchNorm fqn -> the conv it was folded into
     fused: dict[str, str] = field(default_factory=dict)  # activation fqn -> the layer whose range absorbs it
     equalized: list[tuple[str, str]] = field(default_factory=list)  # (layer, next layer) pairs equalized
+    stretched: list[tuple[str, str]] = field(default_factory=list)  # (layer, depthwise conv) across a ReLU6
     float_ops: dict[str, int] = field(default_factory=dict)  # module type -> count of leaf modules left float
 
     def __str__(self) -> str:
@@ -46,6 +47,8 @@ class QuantSummary:
             lines.append(f"  folded: {len(self.folded)} BatchNorm layers into their convs")
         if self.equalized:
             lines.append(f"  equalized: {len(self.equalized)} consecutive layer pairs (cross-layer)")
+        if self.stretched:
+            lines.append(f"  stretched: {len(self.stretched)} ReLU6 outputs read by depthwise convs")
         if self.fused:
             lines.append(f"  fused: {len(self.fused)} ReLU/ReLU6 into the output range of the layer before")
         lines += [f"  tied: {a} shares {b}" for a, b in self.tied.items()]

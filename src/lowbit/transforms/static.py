@@ -2,7 +2,9 @@
 
 Steps: BatchNorm2d folded into the preceding conv (``fold_batchnorm_``); with ``equalize``, cross-layer
 equalization of consecutive layer pairs (``equalize_``; a ReLU6 between a pair becomes a ReLU only where
-it is fused, see below, so the saved model's fused activations are ``nn.Identity``); observers attached to the
+it is fused, see below, so the saved model's fused activations are ``nn.Identity``); with
+``stretch_relu6``, quiet channels of ReLU6 outputs read by depthwise convs scaled up from their
+calibration peaks (``stretch_relu6_``, one extra pass over ``calib``); observers attached to the
 input and output of every selected ``nn.Linear``/``nn.Conv2d`` while ``calib`` runs through the float
 model; weights quantized per output channel; each layer replaced by ``QStaticLinear``/``QStaticConv2d``
 holding its calibrated qparams. Everything else stays float and is listed in the summary (layers
@@ -36,7 +38,7 @@ from lowbit.nn.static import ACTIVATION_SPECS, STATIC_FLOAT_TO_Q, WEIGHT_SPEC, A
 from lowbit.observers import make_observer
 from lowbit.transforms.calibrate import observing, run_batches
 from lowbit.transforms.configs import StaticW8A8
-from lowbit.transforms.equalize import equalize_
+from lowbit.transforms.equalize import equalize_, stretch_relu6_
 from lowbit.transforms.fold import fold_batchnorm_, fusable_activations
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
 
@@ -73,6 +75,11 @@ def static_w8a8(
     if config.equalize:
         pairs = equalize_(model, replace_relu6=set(fused.values()))
         summary.equalized = [(p.first, p.second) for p in pairs]
+    if config.stretch_relu6:
+        if calib is not None and not isinstance(calib, (list, tuple)):
+            calib = list(calib)  # read twice: channel peaks, then the observers
+        pairs = stretch_relu6_(model, calib, select, progress=progress)
+        summary.stretched = [(p.first, p.second) for p in pairs]
     ins = {f: _observer(config, act_spec, f) for f in targets}
     outs = {f: _observer(config, act_spec, f) for f in int8_out}
     means = {f: ChannelMean() for f in targets} if config.bias_correction else {}
