@@ -2,6 +2,8 @@
 handling, barriers; StaticW8A8(equalize=True) end to end and the config's version-1 compatibility;
 stretch_relu6_: its pairs, float invariance within the calibrated peaks, StaticW8A8 with and without it."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 import lowbit
 from lowbit import StaticW8A8, quantize_
 from lowbit.algorithms.equalize import input_ranges, output_ranges
+from lowbit.core.errors import NonFiniteError
 from lowbit.transforms import config_from_dict, fold_batchnorm_
 from lowbit.transforms.equalize import equalization_pairs, equalize_, stretch_pairs, stretch_relu6_
 
@@ -198,3 +201,13 @@ def test_static_stretch_lowers_error():
             errs[stretch] = float((per_channel(net(x) - ref) / per_channel(ref)).mean())
     assert "stretched: 1" in str(s)
     assert errs[True] < 0.5 * errs[False]  # measured 0.0061 vs 0.0256
+
+
+def test_stretch_nan_calibration_names_the_activation_and_changes_nothing():
+    net = _quiet_channels_net()
+    before = copy.deepcopy(net.state_dict())
+    bad = torch.randn(2, 3, 10, 10)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="observer '1'"):  # the ReLU6, in the stretch pass
+        quantize_(net, StaticW8A8(), calib=[bad])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

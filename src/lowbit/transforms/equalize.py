@@ -33,9 +33,12 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.equalize import equalize_pair, scale_pair, stretch_scales
+from lowbit.core.spec import PerChannel, QuantSpec
+from lowbit.observers import make_observer
 from lowbit.transforms.calibrate import observing, run_batches
 
 LAYERS = (nn.Conv2d, nn.Linear)
+PER_CHANNEL = QuantSpec("uint8", False, PerChannel(1))  # peaks of (N, C, ...) activations, channel by channel
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 
@@ -124,17 +127,6 @@ def equalize_(
     return pairs
 
 
-class _Peak:
-    """Running max per channel (dim 1) of a ``(N, C, ...)`` activation."""
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-
-    def update(self, y: torch.Tensor) -> None:
-        m = y.detach().float().transpose(0, 1).reshape(y.shape[1], -1).amax(1)
-        self.value = m if self.value is None else torch.maximum(self.value, m)
-
-
 def stretch_pairs(model: nn.Module) -> list[EqualizedPair]:
     """Pairs ``layer -> ReLU6 -> Conv2d`` whose Conv2d reads each input channel alone (groups == in)."""
     out = []
@@ -154,14 +146,14 @@ def stretch_relu6_(
     pairs = [p for p in stretch_pairs(model) if select is None or select(p.first) or select(p.second)]
     if not pairs:
         return []
-    peaks = {p.activation: _Peak() for p in pairs}
+    peaks = {p.activation: make_observer("minmax", PER_CHANNEL, name=p.activation) for p in pairs}
     with observing(model, {}, peaks):
         run_batches(model, calib, progress)
     for p in pairs:
         a, b = model.get_submodule(p.first), model.get_submodule(p.second)
-        if peaks[p.activation].value is None:
-            continue
-        s = stretch_scales(peaks[p.activation].value, 6.0, headroom, cap)
+        if peaks[p.activation].batches == 0:
+            continue  # no calibration batch reached it
+        s = stretch_scales(peaks[p.activation].range()[1], 6.0, headroom, cap)
         w1, b1, w2 = scale_pair(a.weight, a.bias, b.weight, 1.0 / s, b.groups)
         a.weight.copy_(w1)
         if b1 is not None:
