@@ -236,7 +236,7 @@ class StaticW8A8(QuantConfig):
         "all" or "none". Float outputs cost no output observer and no output rounding.
     bias_correction: subtract each layer's expected output shift from weight rounding, ``(W_q - W) E[x]``
         with ``E[x]`` measured on ``calib`` (``lowbit.algorithms.bias_correction``).
-    equalize: cross-layer equalization after BatchNorm folding (``lowbit.transforms.equalize_``):
+    equalize: cross-layer equalization after BatchNorm folding (``lowbit.transforms.equalize.equalize_``):
         consecutive layer pairs in Sequentials get matched per-channel weight ranges. Exact across ReLU;
         a ReLU6 between a pair becomes a ReLU when the layer before absorbs it (``fuse_activations``),
         else that pair is left alone. Off by default: with per-channel weights it has little to fix,
