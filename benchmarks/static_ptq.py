@@ -3,8 +3,8 @@
 For each model: lowbit's ``StaticW8A8`` (several observers) and ``onnxruntime.quantization.quantize_static``
 (QDQ, uint8 activations, int8 weights; per-tensor, its default, and per-channel) calibrate on the same
 512 samples; every int8 model runs in ONNX Runtime (lowbit's through ``export_onnx``) and is scored
-against the fp32 model run the same way (``EXTRA`` adds lowbit rows with other options, ``REFERENCES``
-rows that are not quantized: the fp32 model with its weights rounded to bf16, a yardstick for how many
+against the fp32 model run the same way (``EXTRA`` adds lowbit rows with other options, ``BF16_REFERENCE``
+a row that is not quantized: the fp32 model with its weights rounded to bf16, a yardstick for how many
 of the eval crops a tiny perturbation flips):
 
 | model             | calibration (512)         | metric                                                  |
@@ -62,7 +62,7 @@ EXTRA = {
 # Reference rows, no quantization: how far a small perturbation alone moves the score. MobileNetV2's
 # eval crops hold many near ties (cat breeds, cup vs espresso): weights rounded to bf16 (8 significant
 # bits, relative error <= 2**-9) already flip some of them.
-REFERENCES = {"mobilenetv2": ["fp32, weights rounded to bf16"]}
+BF16_REFERENCE = ("mobilenetv2",)
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -202,7 +202,8 @@ def bench_model(name: str, observers, quick: bool, tmp: Path, equalize: bool = F
     example = {k: v[:1] for k, v in batches[0].items()} if isinstance(batches[0], dict) else batches[0][:1]
     paths = {"fp32": export_onnx(model, example, tmp / f"{name}-fp32.onnx")}
     calib_s, summaries = {}, {}
-    for label in REFERENCES.get(name, ()):
+    if name in BF16_REFERENCE:
+        label = "fp32, weights rounded to bf16"
         paths[label] = export_onnx(bf16_weights(model), example, tmp / f"{name}-bf16w.onnx")
     runs = [(f"lowbit {obs}", obs, (), {}) for obs in observers]
     runs += [r for r in EXTRA.get(name, ()) if r[1] in observers]

@@ -90,6 +90,14 @@ def equalization_pairs(model: nn.Module) -> list[EqualizedPair]:
     return sorted(pairs, key=lambda p: order[p.first])
 
 
+def _write_pair(a: nn.Module, b: nn.Module, w1, b1, w2) -> None:
+    """Copy rescaled ``(W1, b1, W2)`` into layers ``a`` and ``b`` in place (no-grad callers)."""
+    a.weight.copy_(w1)
+    if b1 is not None:
+        a.bias.copy_(b1)
+    b.weight.copy_(w2)
+
+
 @torch.no_grad()
 def equalize_(
     model: nn.Module,
@@ -117,10 +125,7 @@ def equalize_(
         for p in pairs:
             a, b = model.get_submodule(p.first), model.get_submodule(p.second)
             w1, b1, w2, s = equalize_pair(a.weight, a.bias, b.weight, getattr(b, "groups", 1))
-            a.weight.copy_(w1)
-            if b1 is not None:
-                a.bias.copy_(b1)
-            b.weight.copy_(w2)
+            _write_pair(a, b, w1, b1, w2)
             worst = max(worst, float((s - 1).abs().max()))
         if worst <= tol:
             break
@@ -154,9 +159,5 @@ def stretch_relu6_(
         if peaks[p.activation].batches == 0:
             continue  # no calibration batch reached it
         s = stretch_scales(peaks[p.activation].range()[1], 6.0, headroom, cap)
-        w1, b1, w2 = scale_pair(a.weight, a.bias, b.weight, 1.0 / s, b.groups)
-        a.weight.copy_(w1)
-        if b1 is not None:
-            a.bias.copy_(b1)
-        b.weight.copy_(w2)
+        _write_pair(a, b, *scale_pair(a.weight, a.bias, b.weight, 1.0 / s, b.groups))
     return pairs
