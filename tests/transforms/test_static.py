@@ -123,17 +123,31 @@ def test_mapping_batches():
 )
 def test_bad_calibration(calib, match):
     net = _cnn()
-    before = copy.deepcopy(net.state_dict())
+    before = _snapshot(net)
     with pytest.raises(LowbitError, match=match):
-        quantize_(net, StaticW8A8(fold_bn=False), calib=calib)
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing swapped
+        quantize_(net, StaticW8A8(), calib=calib)
+    _assert_unchanged(net, before)  # BatchNorm folding and the ReLU6 stretch undone, nothing swapped
+
+
+def _snapshot(net):
+    return [type(m) for m in net.modules()], copy.deepcopy(net.state_dict())
+
+
+def _assert_unchanged(net, before):
+    types, state = before
+    assert [type(m) for m in net.modules()] == types
+    assert state.keys() == net.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
 
 
 def test_nan_in_calibration_names_the_layer():
     bad = torch.randn(2, 1, 12, 12)
     bad[0, 0, 0, 0] = float("nan")
+    net = _cnn()
+    before = _snapshot(net)
     with pytest.raises(NonFiniteError, match=r"0\.0"):
-        quantize_(_cnn(), StaticW8A8(), calib=[bad])
+        quantize_(net, StaticW8A8(), calib=[torch.randn(2, 1, 12, 12), bad])
+    _assert_unchanged(net, before)
 
 
 def test_no_quantizable_layer():
@@ -166,3 +180,11 @@ def test_constant_activations_are_exact(act):
 def test_bad_config(kwargs, match):
     with pytest.raises(LowbitError, match=match):
         StaticW8A8(**kwargs)
+
+
+def test_nothing_selected_leaves_the_model_unfolded():
+    net = _cnn()
+    before = _snapshot(net)
+    with pytest.raises(LowbitError, match="no quantizable layer"):
+        quantize_(net, StaticW8A8(), calib=_batches(), exclude=["*"])
+    _assert_unchanged(net, before)

@@ -82,6 +82,12 @@ class Selector:
         return inc and not any(p.fullmatch(fqn) for p in self.exclude)
 
 
+def require_quantized(summary: QuantSummary) -> None:
+    """Raise when ``summary`` lists no quantized layer."""
+    if not summary.quantized:
+        raise LowbitError("no quantizable layer matched (check the model and include/exclude patterns)")
+
+
 def quantize_(
     model: nn.Module,
     config: QuantConfig,
@@ -104,8 +110,7 @@ def quantize_(
         known = ", ".join(t.__name__ for t in HANDLERS)
         raise LowbitError(f"no handler for config {type(config).__name__}; known: {known}")
     summary = handler(model, config, calib, Selector(include, exclude), progress)
-    if not summary.quantized:
-        raise LowbitError("no quantizable layer matched (check the model and include/exclude patterns)")
+    require_quantized(summary)
     if advice:
         summary.routed = apply_advice(model, load_cached() if advice is True else advice)
     model.lowbit_config = config.to_dict()

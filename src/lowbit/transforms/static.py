@@ -40,7 +40,8 @@ from lowbit.transforms.calibrate import observing, run_batches
 from lowbit.transforms.configs import StaticW8A8
 from lowbit.transforms.equalize import equalize_, stretch_relu6_
 from lowbit.transforms.fold import fold_batchnorm_, fusable_activations
-from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
+from lowbit.transforms.quantize import QuantSummary, Selector, register_handler, require_quantized
+from lowbit.transforms.rollback import rollback_on_error
 
 
 def _observer(config: StaticW8A8, spec, fqn: str):
@@ -63,7 +64,16 @@ def quantize_weight(weight: torch.Tensor, method: str, name: str) -> QuantizedTe
 def static_w8a8(
     model: nn.Module, config: StaticW8A8, calib, select: Selector, progress: bool
 ) -> QuantSummary:
-    """Quantize ``model`` in place: see the module docstring."""
+    """Quantize ``model`` in place: see the module docstring. On an error (a bad calibration batch, a
+    NaN activation, no layer selected) the model is left as it came, BatchNorm folding and rescaling
+    undone."""
+    with rollback_on_error(model):
+        summary = _static_w8a8(model, config, calib, select, progress)
+        require_quantized(summary)  # here, so that the folding is undone too
+    return summary
+
+
+def _static_w8a8(model: nn.Module, config: StaticW8A8, calib, select: Selector, progress: bool):
     summary = QuantSummary(config)
     if config.fold_bn:
         summary.folded = {bn: conv for conv, bn in fold_batchnorm_(model)}
