@@ -51,8 +51,8 @@ ORT_VARIANTS = {"ort per-tensor minmax": (False, "MinMax"), "ort per-channel min
 # MobileNetV2 crops need more than this machine's 24 GiB (OOM-killed), so that variant gets fewer.
 ENTROPY_SAMPLES = {"mobilenetv2": 128}
 # Extra lowbit rows: (label, observer, exclude patterns, other StaticW8A8 options). MobileNetV2's stem conv
-# (3 -> 32 channels, 864 weights) reads the image itself; kept float it is both its most sensitive layer
-# and one whose int8 kernel (im2col over 27 taps) is no faster than ONNX Runtime's fp32 NCHWc conv.
+# (3 -> 32 channels, 864 weights) reads the image itself: its most sensitive layer. Kept float, it costs a
+# QuantizeLinear and a layout reorder after it (its int8 form, padded to 4 channels, is as fast as fp32).
 EXTRA = {
     "mobilenetv2": [
         ("lowbit percentile, stem conv float", "percentile", ("features.0.0",), {}),

@@ -65,6 +65,30 @@ def test_cnn_qdq_matches_lowbit(tmp_path, equalize):
     assert np.abs(ref - ours).max() <= tol
 
 
+@pytest.mark.parametrize(
+    ("channels", "padded"), [(1, 1), (3, 4), (4, 4), (5, 8)], ids=["c1-kept", "c3-to-4", "c4-kept", "c5-to-8"]
+)
+def test_few_channel_conv_input_is_padded(tmp_path, channels, padded):
+    """Convs with 3+ input channels not a multiple of 4 read zero-point-padded codes (ONNX Runtime's fast
+    int8 conv wants multiples of 4); outputs still equal lowbit's."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(channels, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    g = torch.Generator().manual_seed(5)
+    calib = [torch.rand(8, channels, 10, 10, generator=g) * 2 - 0.5 for _ in range(3)]
+    quantize_(net, StaticW8A8(), calib=calib)
+    x = torch.rand(4, channels, 10, 10) * 2 - 0.5
+    path = export_onnx(net, x[:1], tmp_path / "net.onnx")
+    model = onnx.load(str(path))
+    weights = {t.name: t for t in model.graph.initializer}
+    assert list(weights["0.weight_quantized"].dims) == [8, padded, 3, 3]
+    assert _ops(path).count("Pad") == (padded != channels)
+    with torch.no_grad():
+        ours = net(x).numpy()
+    tol = 1e-5 * np.abs(ours).max()
+    assert np.abs(_ort(path, {"input": x}) - ours).max() <= tol
+    assert np.abs(ReferenceEvaluator(str(path)).run(None, {"input": x.numpy()})[0] - ours).max() <= tol
+
+
 def test_int8_outputs_everywhere(tmp_path):
     net = _cnn()
     quantize_(net, StaticW8A8(int8_outputs="all"), calib=_batches())
