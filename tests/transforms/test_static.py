@@ -126,7 +126,7 @@ def test_bad_calibration(calib, match):
     before = _snapshot(net)
     with pytest.raises(LowbitError, match=match):
         quantize_(net, StaticW8A8(), calib=calib)
-    _assert_unchanged(net, before)  # BatchNorm folding and the ReLU6 stretch undone, nothing swapped
+    _assert_unchanged(net, before)  # BatchNorm folding undone, nothing swapped
 
 
 def _snapshot(net):
