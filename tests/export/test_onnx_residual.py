@@ -20,6 +20,8 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
+from support import assert_ort_matches  # noqa: E402
+
 
 class Block(nn.Module):
     """x + conv(relu(conv(x))), the skip written with an ``Add`` module."""
@@ -90,7 +92,7 @@ def test_ort_fuses_qlinearadd_and_matches(quantized, tmp_path):
     assert np.abs(ref - ours).max() <= 1e-5 * np.abs(ours).max()
     # one code of the last Add, carried through two float-output layers, bounds ORT's difference
     got = sess.run(None, {"input": x.numpy()})[0]
-    assert np.abs(got - ours).max() <= 0.05 * np.abs(ours).max()
+    assert_ort_matches(got, ours, 0.05 * np.abs(ours).max())
 
 
 def test_save_load_round_trip(quantized, tmp_path):
