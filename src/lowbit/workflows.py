@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from lowbit.core.errors import LowbitError
-from lowbit.export.checkpoint import QUANT_CONFIG, load, save
+from lowbit.export.checkpoint import QUANT_CONFIG, check_target, load, save
 from lowbit.transforms import Int8Dynamic, SmoothQuant, StaticW8A8, WeightOnly, parse_scheme, quantize_
 
 TASKS = ("wiki-ppl",)
 CALIB_SOURCES = ("photos", "mnist", "fashion-mnist", "sentences", "wiki")
 
 
-def load_any(ref: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for any model reference (see module docstring)."""
+def load_any(ref: str | os.PathLike, progress: bool = True, verify: bool = True) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for any model reference (see module docstring). ``verify``: check a lowbit
+    checkpoint's sha256 checksums (``lowbit.load``)."""
     from lowbit import models
 
     path = Path(ref)
@@ -30,9 +32,11 @@ def load_any(ref: str | os.PathLike, progress: bool = True) -> tuple[nn.Module, 
         from transformers import AutoTokenizer
 
         tokenizer = (
-            AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+            AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            if (path / "tokenizer_config.json").is_file()
+            else None
         )
-        return load(path), tokenizer
+        return load(path, verify=verify), tokenizer
     return models.load(str(ref), progress=progress)
 
 
@@ -107,13 +111,16 @@ def quantize_and_save(
         config = replace(config, observer=observer)
     if calib is not None:
         _calib_source(calib)  # bad spec: error before loading anything
+        if not _uses_data(config):
+            warnings.warn(
+                f"--calib is ignored: {scheme} with method {method or 'rtn'} uses no data", stacklevel=2
+            )
+            calib = None
     elif getattr(config, "needs_calib", False):
         raise LowbitError(f"--method {method} needs calibration data, e.g. --calib wiki:128x512")
     if streaming and not isinstance(config, (WeightOnly, SmoothQuant, Int8Dynamic)):
         raise LowbitError("--streaming supports weight-only schemes, w8a8 and --method smoothquant")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_target(out, overwrite)
     if streaming:  # quantize_seconds: the whole streaming run (reading, quantizing, writing)
         summary, seconds = _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress)
     else:
@@ -142,6 +149,10 @@ def quantize_and_save(
     }
 
 
+def _uses_data(config) -> bool:
+    return isinstance(config, StaticW8A8) or bool(getattr(config, "needs_calib", False))
+
+
 def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress):
     """(summary, seconds) of ``quantize_folder`` on the fp32 Hugging Face folder of ``ref``."""
     from lowbit import models
@@ -154,7 +165,7 @@ def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, pr
     if calib and any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     batches = calibration_batches(calib, tok) if calib else None
     del tok  # 0.13 GB for Qwen2.5's vocabulary, not needed while quantizing
     t0 = time.perf_counter()
@@ -171,14 +182,15 @@ def evaluate(
     n_tokens: int = 8192,
     window: int = 512,
     progress: bool = True,
+    verify: bool = True,
 ) -> dict:
-    """Run ``task`` on model ``ref``; returns a JSON-ready dict."""
+    """Run ``task`` on model ``ref``; returns a JSON-ready dict. ``verify``: see ``load_any``."""
     if task not in TASKS:
         raise LowbitError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
     from lowbit.data import eval_tokens
     from lowbit.eval.perplexity import perplexity
 
-    model, tok = load_any(ref, progress)
+    model, tok = load_any(ref, progress, verify)
     t0 = time.perf_counter()
     ppl = perplexity(model, eval_tokens(tok, n_tokens), window=window, progress=progress)
     return {

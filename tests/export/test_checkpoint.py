@@ -9,6 +9,7 @@ from torch import nn
 import lowbit
 from lowbit import CheckpointError, FormatVersionError, LowbitError, WeightOnly, quantize_
 from lowbit.export import checkpoint
+from lowbit.export.validate import config_digest
 from support import tiny_llama
 
 
@@ -58,9 +59,13 @@ def test_existing_output_is_never_touched(quantized, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(LowbitError, match="already exists"):
         lowbit.save(quantized, out)
+    with pytest.raises(LowbitError, match="not a lowbit checkpoint"):
+        lowbit.save(quantized, out, overwrite=True)  # overwrite replaces checkpoints only
     assert (out / "keep.txt").read_text() == "mine"
-    lowbit.save(quantized, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "quant_config.json").exists()
+    (out / "keep.txt").unlink()
+    lowbit.save(quantized, out, overwrite=True)  # an empty folder
+    lowbit.save(quantized, out, overwrite=True)  # a checkpoint
+    assert (out / "quant_config.json").exists()
     assert _files(out) == ["q"]  # no temp or old folders left
 
 
@@ -115,9 +120,11 @@ def test_truncated_safetensors(saved):
 
 
 def _edit_meta(folder, fn):
+    """Edit quant_config.json and re-sign it (config_sha256), so the structural checks must catch it."""
     p = folder / "quant_config.json"
     meta = json.loads(p.read_text())
     fn(meta)
+    meta["config_sha256"] = config_digest(meta)
     p.write_text(json.dumps(meta))
 
 

@@ -148,6 +148,9 @@ def test_existing_output_and_failed_final_write(src, tmp_path, monkeypatch):
     (out / "keep.txt").write_text("previous output")
     with pytest.raises(LowbitError, match="already exists"):
         quantize_folder(src, GPTQ, out, _calib(), progress=False)
+    with pytest.raises(LowbitError, match="not a lowbit checkpoint"):
+        quantize_folder(src, GPTQ, out, _calib(), overwrite=True, progress=False)
+    (out / "quant_config.json").write_text("{}")  # a (previous) checkpoint: overwrite may replace it
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

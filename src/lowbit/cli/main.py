@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     e.add_argument("--window", type=int, default=512, help="context window in tokens (default 512)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip a checkpoint's sha256 checks (faster; structure still checked)",
+    )
     b = sub.add_parser(
         "bench", help="time a quantized model against its float twin, layer by layer and end to end"
     )
@@ -119,7 +124,12 @@ def _run(args: argparse.Namespace) -> dict:
             progress=not args.quiet,
         )
     return workflows.evaluate(
-        args.model, args.task, n_tokens=args.tokens, window=args.window, progress=not args.quiet
+        args.model,
+        args.task,
+        n_tokens=args.tokens,
+        window=args.window,
+        progress=not args.quiet,
+        verify=not args.no_verify,
     )
 
 

@@ -25,8 +25,8 @@ def stored_bytes(n: int, fmt: Format) -> int:
 def encode(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Stored bytes of ``codes``: uint8 ``(..., stored_bytes(n, fmt))``."""
     if _raw_bytes(fmt):
-        lead = codes.shape[:-1]
-        return codes.contiguous().view(torch.uint8).reshape(*lead, -1)
+        lead, n = codes.shape[:-1], codes.shape[-1]
+        return codes.contiguous().view(torch.uint8).reshape(*lead, stored_bytes(n, fmt))
     return pack(to_unsigned(codes, fmt), fmt.bits)
 
 

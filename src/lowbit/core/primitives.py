@@ -16,8 +16,24 @@ asymmetric grid reaches half a step past its range, e.g. int2 on +-3e38). Float 
 Shapes: ``x`` is any shape; ``scale``/``zero_point`` have ``qparam_shape(x.shape, block)`` (same ndim
 as ``x``, see ``lowbit.core.spec``); codes have ``x.shape`` and ``spec.fmt.torch_dtype``.
 Blocks that are constant (all elements equal ``c``) get ``scale = |c|`` (1 when ``c == 0``; the smallest
-normal for ``binary``, which has no zero level), so they round-trip exactly. NaN or Inf in the input
-raises ``NonFiniteError`` naming the tensor.
+normal for ``binary``, which has no zero level), so they round-trip exactly.
+
+Edge inputs (errors are ``LowbitError`` naming the tensor, the ``name`` argument):
+
+- Input ``x`` must be a real floating-point tensor: complex (the imaginary part would be lost), integer
+  and bool tensors are refused. NaN or Inf raises ``NonFiniteError``; float64 values beyond float32's
+  range (which the float32 arithmetic would turn into Inf) raise ``LowbitError``.
+- Empty tensors give empty codes and qparams of the shape ``lowbit.core.spec`` documents; a block with
+  no element gets scale 1 (as an all-zero block). A 0-d tensor is one block under PerTensor/PerToken;
+  PerChannel/PerGroup refuse it (no axis).
+- ``dequantize`` (and ``fake_quantize``) return any floating dtype, float64 included: the arithmetic stays
+  float32 and the result is cast, so float64 output is the float32 result exactly.
+- Scales are stored in ``spec.scale_dtype``, clamped below at its smallest normal: a block too small for
+  it (float16: max |x| under ``qmax`` x 6.1e-5) keeps that scale, never saturates, and each element comes
+  back within half of it (a subnormal scale would lose precision and saturate codes). A scale past the
+  dtype's largest value (float16: 65504, reached near |x| ~ 1e6 for int4) raises ``LowbitError``
+  suggesting float32 or bfloat16 scales; float32 scales saturate at float32's limit as ``dequantize`` does.
+- A codebook code (nf4, log2, binary) with no level raises ``LowbitError`` naming the code.
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ from lowbit.core.formats import Format
 from lowbit.core.spec import QuantSpec, qparam_shape
 
 Tensor = torch.Tensor
+F32_MAX = torch.finfo(torch.float32).max
 
 
 def to_blocks(x: Tensor, block: tuple[int, ...]) -> Tensor:
@@ -46,14 +63,14 @@ def to_blocks(x: Tensor, block: tuple[int, ...]) -> Tensor:
     inter = [d for n, b in zip(nblk, block, strict=True) for d in (n, b)]
     nd = len(shape)
     perm = [2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)]
-    return x.reshape(inter).permute(perm).reshape(*nblk, -1)
+    return x.reshape(inter).permute(perm).reshape(*nblk, math.prod(block))
 
 
 def from_blocks(xb: Tensor, shape: tuple[int, ...], block: tuple[int, ...]) -> Tensor:
     """Inverse of ``to_blocks``: ``(*qparam_shape, prod(block))`` back to ``shape``, padding dropped."""
     nblk = qparam_shape(shape, block)
     nd = len(shape)
-    x = xb.reshape(*nblk, *block)
+    x = xb.reshape((*nblk, *block))
     perm = [p for i in range(nd) for p in (i, nd + i)]
     x = x.permute(perm).reshape([n * b for n, b in zip(nblk, block, strict=True)])
     if tuple(x.shape) != tuple(shape):
@@ -68,6 +85,25 @@ def check_finite(x: Tensor, name: str) -> None:
         raise NonFiniteError(f"{name}: {bad} of {x.numel()} values are NaN or Inf")
 
 
+def check_input(x: Tensor, name: str) -> None:
+    """Raise ``LowbitError`` naming ``name`` unless ``x`` is a real floating-point tensor of finite values
+    (``NonFiniteError`` otherwise) within float32's range (the arithmetic is float32)."""
+    if x.is_complex():
+        raise LowbitError(
+            f"{name}: {str(x.dtype)[6:]} input is not supported (the imaginary part would be lost)"
+        )
+    if not x.is_floating_point():
+        raise LowbitError(f"{name}: {str(x.dtype)[6:]} input; quantization takes floating-point tensors")
+    check_finite(x, name)
+    if torch.finfo(x.dtype).max > F32_MAX and x.numel():
+        big = x.abs() > F32_MAX
+        if bool(big.any()):
+            raise LowbitError(
+                f"{name}: {int(big.sum())} of {x.numel()} values lie beyond float32's range (largest "
+                f"|x| {float(x.abs().max()):.3g} > {F32_MAX:.3g}); quantization computes in float32"
+            )
+
+
 def check_qparams(scale: Tensor, zero_point: Tensor | None, shape: tuple[int, ...], spec: QuantSpec) -> None:
     """Raise ``LowbitError`` unless scale (and zero point) have ``qparam_shape`` (no silent broadcasting)."""
     want = qparam_shape(tuple(shape), spec.block_size(tuple(shape)))
@@ -80,6 +116,10 @@ def check_qparams(scale: Tensor, zero_point: Tensor | None, shape: tuple[int, ..
 
 
 def _range(xb: Tensor) -> tuple[Tensor, Tensor]:
+    """Smallest and largest real (non-NaN) element per block; 0 for blocks with no element."""
+    if xb.shape[-1] == 0:
+        zero = xb.new_zeros(xb.shape[:-1])
+        return zero, zero
     nan = torch.isnan(xb)
     lo = torch.where(nan, math.inf, xb).amin(-1)
     hi = torch.where(nan, -math.inf, xb).amax(-1)
@@ -104,36 +144,43 @@ def _int_qparams(lo: Tensor, hi: Tensor, fmt: Format, spec: QuantSpec) -> tuple[
 
 def choose_qparams(x: Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[Tensor, Tensor | None]:
     """Scale (``spec.scale_dtype``) and zero point (code dtype, int formats only) per block of ``x``."""
-    check_finite(x, name)
+    check_input(x, name)
     block = spec.block_size(tuple(x.shape))
     xb = to_blocks(x.float(), block)
     lo, hi = _range(xb)
     mean_abs = None
     if spec.fmt.name == "binary":
-        mean_abs = torch.where(torch.isnan(xb), 0.0, xb.abs()).sum(-1) / (~torch.isnan(xb)).sum(-1)
-    return _qparams(lo, hi, spec, mean_abs)
+        count = (~torch.isnan(xb)).sum(-1).clamp(min=1)
+        mean_abs = torch.where(torch.isnan(xb), 0.0, xb.abs()).sum(-1) / count
+    return _qparams(lo, hi, spec, mean_abs, name)
 
 
 def qparams_from_range(
-    lo: Tensor, hi: Tensor, spec: QuantSpec, *, mean_abs: Tensor | None = None
+    lo: Tensor,
+    hi: Tensor,
+    spec: QuantSpec,
+    *,
+    mean_abs: Tensor | None = None,
+    name: str = "qparams_from_range(lo, hi)",
 ) -> tuple[Tensor, Tensor | None]:
     """Scale and zero point of blocks whose observed values span ``[lo, hi]`` (the one qparam rule).
 
     ``lo``/``hi``: float tensors of one shape, ``lo <= hi``; the results have that shape, the scale in
     ``spec.scale_dtype``, the zero point in the code dtype (``None`` for float and codebook formats).
     ``binary`` scales by the mean ``|x|`` of a block, which a range cannot give: pass ``mean_abs``.
+    ``name`` labels the errors (as ``choose_qparams``'s).
     """
     if lo.shape != hi.shape:
         raise LowbitError(f"lo shape {tuple(lo.shape)} != hi shape {tuple(hi.shape)}")
+    check_input(torch.stack([lo, hi]), name)
     lo, hi = lo.float(), hi.float()
-    check_finite(torch.stack([lo, hi]), "qparams_from_range(lo, hi)")
     if bool((lo > hi).any()):
         raise LowbitError(f"lo > hi in {int((lo > hi).sum())} of {lo.numel()} ranges")
-    return _qparams(lo, hi, spec, mean_abs)
+    return _qparams(lo, hi, spec, mean_abs, name)
 
 
 def _qparams(
-    lo: Tensor, hi: Tensor, spec: QuantSpec, mean_abs: Tensor | None
+    lo: Tensor, hi: Tensor, spec: QuantSpec, mean_abs: Tensor | None, name: str
 ) -> tuple[Tensor, Tensor | None]:
     """``qparams_from_range`` on float32 ranges already checked (``choose_qparams`` comes here directly)."""
     fmt = spec.fmt
@@ -153,13 +200,27 @@ def _qparams(
         scale = torch.where(const, lo.abs(), scale)
     # an all-zero block gets scale 1 (exact zero), except binary (no zero level): tiny, so it reads +-tiny
     scale = torch.where(scale == 0, 0.0 if fmt.name == "binary" else 1.0, scale)
-    sdt = spec.torch_scale_dtype
-    info = torch.finfo(sdt)
-    scale = scale.clamp(info.tiny, info.max).to(sdt)
+    scale = _cast_scale(scale, spec, name)
     if fmt.kind != "int":
         return scale, None
     zp = _fit_zero_point(zp, lo * spec.clip_ratio, const, scale.float(), fmt)
     return scale, zp.to(fmt.torch_dtype)
+
+
+def _cast_scale(scale: Tensor, spec: QuantSpec, name: str) -> Tensor:
+    """float32 ``scale`` in ``spec.scale_dtype``, clamped to its smallest normal; ``LowbitError`` where a
+    float16/bfloat16 scale would pass the dtype's largest value (float32 scales saturate there)."""
+    sdt = spec.torch_scale_dtype
+    info = torch.finfo(sdt)
+    over = scale > info.max
+    if sdt != torch.float32 and bool(over.any()):
+        other = "'float32'" if sdt == torch.bfloat16 else "'float32' or 'bfloat16'"
+        raise LowbitError(
+            f"{name}: scale {float(scale.max()):.3g} overflows {spec.scale_dtype} (largest "
+            f"{info.max:.6g}) in {int(over.sum())} of {scale.numel()} blocks: the values are too large "
+            f"for {spec.scale_dtype} scales; use scale_dtype={other}"
+        )
+    return scale.clamp(info.tiny, info.max).to(sdt)
 
 
 def _fit_zero_point(zp: Tensor, lo: Tensor, const: Tensor, scale: Tensor, fmt: Format) -> Tensor:
@@ -178,7 +239,7 @@ def quantize(
     x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, name: str = "tensor"
 ) -> Tensor:
     """Codes of ``x`` (shape ``x.shape``, dtype ``spec.fmt.torch_dtype``) for the given qparams."""
-    check_finite(x, name)
+    check_input(x, name)
     check_qparams(scale, zero_point, tuple(x.shape), spec)
     fmt = spec.fmt
     block = spec.block_size(tuple(x.shape))
@@ -201,22 +262,37 @@ def dequantize(
     zero_point: Tensor | None,
     spec: QuantSpec,
     dtype: torch.dtype = torch.float32,
+    name: str = "codes",
 ) -> Tensor:
-    """Real values of ``codes`` (shape ``codes.shape``) in ``dtype``; arithmetic in float32."""
+    """Real values of ``codes`` (shape ``codes.shape``) in the floating ``dtype``; arithmetic in float32,
+    saturated at the largest value of ``dtype`` or float32, whichever is smaller."""
+    if not dtype.is_floating_point:
+        raise LowbitError(f"{name}: dequantize returns a floating-point dtype, not {dtype}")
     check_qparams(scale, zero_point, tuple(codes.shape), spec)
     fmt = spec.fmt
     block = spec.block_size(tuple(codes.shape))
-    if fmt.kind == "codebook":
-        levels = torch.tensor(fmt.levels, dtype=torch.float32, device=codes.device)
-        v = levels[codes.long()]
-    else:
-        v = codes.float()
-    vb = to_blocks(v, block)
+    vb = to_blocks(_code_values(codes, fmt, name), block)
     if fmt.kind == "int" and zero_point is not None:
         vb = vb - zero_point.float()[..., None]
     out = from_blocks(vb * scale.float()[..., None], tuple(codes.shape), block)
-    big = torch.finfo(dtype).max  # saturate where the grid's last half step passes the dtype's range
+    big = min(torch.finfo(dtype).max, F32_MAX)  # where the grid's last half step passes the range
     return out.clamp(-big, big).to(dtype)
+
+
+def _code_values(codes: Tensor, fmt: Format, name: str) -> Tensor:
+    """float32 value of each code before scaling: its level for codebook formats (``LowbitError`` for a
+    code with no level), else the code itself."""
+    if fmt.kind != "codebook":
+        return codes.float()
+    n = len(fmt.levels)
+    bad = (codes < 0) | (codes >= n)
+    if bool(bad.any()):
+        raise LowbitError(
+            f"{name}: {fmt.name} code {int(codes[bad][0])} out of range (codes 0..{n - 1}); "
+            f"{int(bad.sum())} of {codes.numel()} codes have no level"
+        )
+    levels = torch.tensor(fmt.levels, dtype=torch.float32, device=codes.device)
+    return levels[codes.long()]
 
 
 def fake_quantize(

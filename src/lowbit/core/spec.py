@@ -12,6 +12,12 @@ For a tensor of shape ``(d0, ..., dn)``:
 
 A weight ``(out, in)`` with ``PerGroup(128)`` has block ``(1, 128)`` and scales ``(out, ceil(in / 128))``.
 
+Empty and 0-d tensors: a dimension of size 0 has 0 blocks where the block steps along it (the channel
+axis, the group axis, the leading dims of PerToken) and 1 (empty) block where the block spans it, so the
+table holds as written: PerTensor qparams of an ``(8, 0)`` tensor are ``(1, 1)``, PerChannel(0) ones
+``(8, 1)``. A 0-d tensor is one block of one element under PerTensor and PerToken (qparams ``()``);
+PerChannel and PerGroup need an axis and raise ``LowbitError`` on it.
+
 Padding rule: a dimension that the block does not divide (SmolLM2's 576 with group 128) is padded at
 its end to the next multiple; the last block is partial (576 = 4 x 128 + 64). Qparams of a partial
 block are computed from its real elements only, and codes are kept for real elements only, so the
@@ -69,6 +75,9 @@ def block_size(shape: tuple[int, ...], granularity: Granularity) -> tuple[int, .
         return tuple(shape)
     if isinstance(granularity, PerToken):
         return (1,) * (ndim - 1) + (shape[-1],) if ndim else ()
+    if ndim == 0 and isinstance(granularity, (PerChannel, PerGroup)):
+        what = f"{type(granularity).__name__}(axis={granularity.axis})"
+        raise LowbitError(f"{what} does not apply: a 0-d tensor has no axis; quantize it with PerTensor()")
     axis = _axis(granularity.axis, ndim)
     if isinstance(granularity, PerChannel):
         return tuple(1 if i == axis else s for i, s in enumerate(shape))
@@ -78,8 +87,9 @@ def block_size(shape: tuple[int, ...], granularity: Granularity) -> tuple[int, .
 
 
 def qparam_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the scale/zero-point tensor: ``ceil(d / b)`` per dimension."""
-    return tuple(math.ceil(s / b) if s else 0 for s, b in zip(shape, block, strict=True))
+    """Shape of the scale/zero-point tensor: ``ceil(d / b)`` per dimension; 1 where an empty dimension
+    is spanned by an empty block (``b == 0``, see the module docstring)."""
+    return tuple(math.ceil(s / b) if b else 1 for s, b in zip(shape, block, strict=True))
 
 
 def _axis(axis: int, ndim: int) -> int:

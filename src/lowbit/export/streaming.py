@@ -46,7 +46,14 @@ from tqdm.auto import tqdm
 
 from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.fsio import atomic_dir, atomic_write_text
-from lowbit.export.checkpoint import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG, WEIGHTS, _dedupe
+from lowbit.export.checkpoint import (
+    FORMAT_NAME,
+    WEIGHTS,
+    _dedupe,
+    check_target,
+    is_checkpoint,
+    write_quant_config,
+)
 from lowbit.export.source import (
     HEAD,
     Source,
@@ -91,7 +98,7 @@ def _skeleton(folder: Path, source: Source) -> tuple[nn.Module, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     arch = architecture(cfg)
@@ -349,7 +356,7 @@ def _write_output(
         aliases.update(meta["aliases"])
     order = {fqn: k for k, (fqn, _) in enumerate(model.named_modules())}
     entries = dict(sorted(entries.items(), key=lambda kv: order.get(kv[0], len(order))))
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_dict()}
+    meta = {"config": config.to_dict()}
     meta |= {"modules": entries, "aliases": aliases, "identity": [], "source": None, "inputs": None}
     parts = [stage.dir / "rest.safetensors", *(stage.block_file(i) for i in range(n_blocks))]
     parts += [
@@ -358,9 +365,9 @@ def _write_output(
     ]
     hf_config = model.config.to_dict()
     hf_config.pop("quantization_config", None)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, replaceable=is_checkpoint) as tmp:
         merge_safetensors(parts, tmp / WEIGHTS, {"format": FORMAT_NAME})
-        (tmp / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))
+        write_quant_config(tmp, meta)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
@@ -416,9 +423,7 @@ def quantize_folder(
     work of an interrupted run with the same inputs (False: start over). ``overwrite``: replace an
     existing ``out``. Tokenizer files are copied from ``src``. Returns what was quantized.
     """
-    src, out = Path(src), Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    src, out = Path(src), check_target(out, overwrite)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src}: not a Hugging Face model folder (no config.json)")
     plan = block_plan(config)

@@ -261,14 +261,14 @@ def load_encoder(
     check_hf_folder(folder)
     from transformers import AutoModel, AutoTokenizer
 
-    from lowbit.models.loader import _hf_progress
+    from lowbit.models.loader import LOCAL_ONLY, _hf_progress
 
     with _hf_progress(progress):
         try:
             model, info = AutoModel.from_pretrained(
-                str(folder), dtype=torch.float32, local_files_only=True, output_loading_info=True
+                str(folder), dtype=torch.float32, use_safetensors=True, output_loading_info=True, **LOCAL_ONLY
             )
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), **LOCAL_ONLY)
         except (ValueError, KeyError, OSError) as e:
             raise CheckpointError(f"{folder}: cannot load this encoder with transformers: {e}") from e
     missing = sorted(info.get("missing_keys") or ()) + sorted(info.get("mismatched_keys") or ())

@@ -6,7 +6,11 @@ entry that is corrupted (missing file, wrong size, truncated safetensors) is reb
 A bundled GGUF cut into parts (``qwen2.5-0.5b``) is first joined into a temp file inside the cache
 entry's build folder and deleted once dequantized; its entry is keyed on every part's name, size and
 first/last MiB. ``cached_folder`` builds and returns the fp32 folder without loading the model (beyond
-what the dequantization itself needs). Nothing is ever fetched from the Hugging Face hub.
+what the dequantization itself needs). Nothing is ever fetched from the Hugging Face hub, and no code
+from a model folder ever runs (``trust_remote_code=False``). A folder is read from safetensors only (a
+``pytorch_model.bin`` is never unpickled) after ``check_hf_folder``; a weight transformers would
+initialise anew (missing from the checkpoint or mis-shaped) is a ``CheckpointError``, as is a lowbit
+checkpoint without its ``quant_config.json``.
 ``progress=False`` hides transformers' progress bars, except the GGUF dequantization bar (transformers
 draws it with a plain tqdm; first load only).
 """
@@ -32,6 +36,17 @@ from lowbit.models.registry import BUNDLED, bundled_gguf, bundled_parts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 LOWBIT_CHECKPOINT_MARK = "quant_config.json"
+# Every transformers ``from_pretrained`` here: nothing fetched from the hub, no code from the folder run.
+LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
+# A float model from a folder: safetensors only (a pytorch_model.bin is never unpickled); weights that
+# are missing or mis-shaped are reported in the loading info (and refused) rather than raised or ignored.
+FLOAT_MODEL = {
+    "dtype": torch.float32,
+    "use_safetensors": True,
+    "output_loading_info": True,
+    "ignore_mismatched_sizes": True,
+    **LOCAL_ONLY,
+}
 
 
 @contextlib.contextmanager
@@ -55,16 +70,53 @@ def _load_tokenizer(folder: Path) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), **LOCAL_ONLY)
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{folder}: cannot load its tokenizer: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (transformers' run to several)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _refuse_incomplete(folder: Path, info: dict) -> None:
+    """``CheckpointError`` if transformers initialised any weight anew: missing from the checkpoint or
+    of another shape (tied weights, e.g. ``lm_head`` tied to the embedding, are not missing)."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(
+        str(k[0] if isinstance(k, tuple | list) else k) for k in info.get("mismatched_keys") or ()
+    )
+    if missing:
+        raise CheckpointError(
+            f"{folder}: {len(missing)} weights missing from the checkpoint: {', '.join(missing[:5])}"
+        )
+    if mismatched:
+        raise CheckpointError(
+            f"{folder}: {len(mismatched)} weights of the wrong shape: {', '.join(mismatched[:5])}"
+        )
 
 
 def load_hf_folder(folder: Path, progress: bool = True) -> tuple[nn.Module, Any | None]:
-    """(model in eval mode, float32, CPU; tokenizer or None) from a local Hugging Face folder."""
+    """(model in eval mode, float32, CPU; tokenizer or None) from a local Hugging Face folder.
+
+    The folder is checked first (``check_hf_folder``: config without remote code, safetensors inside the
+    folder, not a lowbit checkpoint); transformers then reads safetensors only, runs no code from the
+    folder, and a weight it would initialise anew (missing or mis-shaped) is a ``CheckpointError``.
+    """
     check_hf_folder(folder)
     from transformers import AutoModelForCausalLM
 
     with _hf_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(str(folder), **FLOAT_MODEL)
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{folder}: cannot load this model with transformers: {_first_line(e)}"
+            ) from e
+    _refuse_incomplete(folder, info)
     model = model.to(device="cpu", dtype=torch.float32).eval()
     return model, _load_tokenizer(folder)
 
@@ -82,13 +134,15 @@ def _dequantize_into(gguf: Path, out: Path, progress: bool) -> None:
     """Dequantize ``gguf`` with transformers and save model + tokenizer (fp32) into folder ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    kwargs = {"gguf_file": gguf.name, **LOCAL_ONLY}
     with _hf_progress(progress):
         try:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
         except (ValueError, KeyError, OSError) as e:
-            raise CheckpointError(f"{gguf}: cannot load this GGUF file with transformers: {e}") from e
+            raise CheckpointError(
+                f"{gguf}: cannot load this GGUF file with transformers: {_first_line(e)}"
+            ) from e
         _forget_gguf_quantizer(model)
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))

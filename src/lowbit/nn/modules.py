@@ -44,7 +44,12 @@ def register_qmodule(float_type: type[nn.Module] | None) -> Callable:
 
 
 class QuantizedModule(nn.Module):
-    """Base of every module ``lowbit.save`` records: ``config_entry()`` -> dict, ``from_entry(dict)``."""
+    """Base of every module ``lowbit.save`` records: ``config_entry()`` -> dict, ``from_entry(dict)``.
+
+    ``ENTRY_FIELDS``: field -> kind of every key ``config_entry`` writes besides ``type`` (kinds:
+    ``lowbit.export.validate``), checked before ``from_entry`` sees a loaded entry."""
+
+    ENTRY_FIELDS: dict[str, str] = {}
 
     def config_entry(self) -> dict:
         raise NotImplementedError
@@ -53,12 +58,27 @@ class QuantizedModule(nn.Module):
     def from_entry(cls, entry: dict) -> QuantizedModule:
         raise NotImplementedError
 
+    def state_problem(self) -> str | None:
+        """What is wrong with loaded buffers (a scale not finite and positive, a zero point out of its
+        format's range, ...), or None; ``lowbit.load`` refuses a checkpoint with a problem."""
+        return None
+
+
+def scale_problem(name: str, scale: torch.Tensor) -> str | None:
+    """A message if ``scale`` has an element that is not finite and positive, else None."""
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        at = tuple(bad.nonzero()[0].tolist())
+        return f"{name} {float(scale[bad].flatten()[0])} at {at} is not finite and positive"
+    return None
+
 
 class QuantizedWeightModule(QuantizedModule):
     """Base: a ``(rows, cols)`` weight held as ``qweight``/``scale``/``zero_point`` buffers."""
 
     rows: int
     cols: int
+    ENTRY_FIELDS = {"spec": "spec", "dtype": "dtype"}
 
     def _init_weight_buffers(self, spec: QuantSpec, dtype: torch.dtype) -> None:
         shape = (self.rows, self.cols)
@@ -87,6 +107,20 @@ class QuantizedWeightModule(QuantizedModule):
             raise LowbitError("tied modules must have the same weight shape and spec")
         self.qweight, self.scale, self.zero_point = other.qweight, other.scale, other.zero_point
 
+    def state_problem(self) -> str | None:
+        fmt = self.spec.fmt
+        problem = scale_problem("scale", self.scale)
+        zp = self.zero_point
+        if problem is None and zp is not None and zp.numel():
+            lo, hi = int(zp.min()), int(zp.max())
+            if lo < fmt.qmin or hi > fmt.qmax:
+                bad = lo if lo < fmt.qmin else hi
+                return f"zero point {bad} outside {fmt.name}'s [{fmt.qmin}, {fmt.qmax}]"
+        bias = getattr(self, "bias", None)
+        if problem is None and bias is not None and not bool(torch.isfinite(bias).all()):
+            return "bias holds NaN or Inf"
+        return problem
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``(rows, cols)`` these buffers stand for."""
         return dequantize_weight(self.qweight, self.scale, self.zero_point, self.spec, self.cols, dtype)
@@ -107,6 +141,11 @@ class QLinear(QuantizedWeightModule):
     """``y = x @ W.T + b`` with ``W (out_features, in_features)`` stored quantized."""
 
     KERNEL_OP = "weight_only_linear"  # the op its backends implement (lowbit.kernels)
+    ENTRY_FIELDS = QuantizedWeightModule.ENTRY_FIELDS | {
+        "in_features": "dim",
+        "out_features": "dim",
+        "bias": "bool",
+    }
 
     def __init__(
         self,
@@ -147,6 +186,12 @@ class QLinear(QuantizedWeightModule):
 @register_qmodule(nn.Embedding)
 class QEmbedding(QuantizedWeightModule):
     """Lookup table ``(num_embeddings, embedding_dim)`` stored quantized per row or per row-group."""
+
+    ENTRY_FIELDS = QuantizedWeightModule.ENTRY_FIELDS | {
+        "num_embeddings": "dim",
+        "embedding_dim": "dim",
+        "padding_idx": "optional_index",
+    }
 
     def __init__(
         self,

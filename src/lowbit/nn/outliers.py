@@ -37,6 +37,13 @@ class QLinearOutlier(QuantizedWeightModule):
     """``y = W8A8(x[..., rest_idx]) + x[..., outlier_idx] @ outlier_weight.T + b``."""
 
     KERNEL_OP = "dynamic_linear"  # what the rest columns run (lowbit.kernels)
+    ENTRY_FIELDS = QuantizedWeightModule.ENTRY_FIELDS | {
+        "in_features": "dim",
+        "out_features": "dim",
+        "n_outliers": "dim",
+        "bias": "bool",
+        "outlier_dtype": "dtype",
+    }
     act_spec = DYNAMIC_ACTIVATIONS
 
     def __init__(
@@ -107,6 +114,14 @@ class QLinearOutlier(QuantizedWeightModule):
         w[:, self.rest_idx] = super().dequantized_weight(dtype)
         w[:, self.outlier_idx] = self.outlier_weight.to(dtype)
         return w
+
+    def state_problem(self) -> str | None:
+        both = torch.cat([self.outlier_idx, self.rest_idx]).sort().values
+        if not torch.equal(both, torch.arange(self.in_features, device=both.device)):
+            return "outlier_idx and rest_idx do not split the input columns"
+        if not bool(torch.isfinite(self.outlier_weight).all()):
+            return "outlier_weight holds NaN or Inf"
+        return super().state_problem()
 
     @classmethod
     def from_entry(cls, e: dict) -> QLinearOutlier:

@@ -32,7 +32,7 @@ from lowbit.core.errors import LowbitError
 from lowbit.core.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.kernels import dispatch
 from lowbit.kernels.integer import dequantize_activation, quantize_activation
-from lowbit.nn.modules import QLinear, QuantizedModule, QuantizedWeightModule, register_qmodule
+from lowbit.nn.modules import QLinear, QuantizedModule, QuantizedWeightModule, register_qmodule, scale_problem
 
 WEIGHT_SPEC = QuantSpec("int8", True, PerChannel(0), "float32")
 ACTIVATION_SPECS = {
@@ -60,6 +60,13 @@ class StaticActivations:
         setattr(self, f"{side}_scale", scale.reshape(()).float().clone())
         setattr(self, f"{side}_zero_point", zero_point.reshape(()).to(self.act_spec.fmt.torch_dtype).clone())
 
+    def state_problem(self) -> str | None:
+        for side in ("input", "output"):
+            problem = scale_problem(f"{side}_scale", getattr(self, f"{side}_scale"))
+            if problem:
+                return problem
+        return super().state_problem()
+
     def activation_entry(self) -> dict:
         return {"act_spec": self.act_spec.to_dict(), "requantize_output": self.requantize_output}
 
@@ -77,6 +84,7 @@ class QStaticLinear(StaticActivations, QLinear):
     """``y = dq(requant(q(x) @ Wq.T + bias_q))``: W8A8 Linear with calibrated activation ranges."""
 
     KERNEL_OP = "static_linear"
+    ENTRY_FIELDS = QLinear.ENTRY_FIELDS | {"act_spec": "spec", "requantize_output": "bool"}
 
     def __init__(
         self,
@@ -110,6 +118,12 @@ class QStaticConv2d(StaticActivations, QuantizedWeightModule):
     """W8A8 ``nn.Conv2d`` (zero padding; depthwise and grouped included) with calibrated activation ranges."""
 
     KERNEL_OP = "static_conv2d"
+    ENTRY_FIELDS = QuantizedWeightModule.ENTRY_FIELDS | {
+        "conv": "conv",
+        "bias": "bool",
+        "act_spec": "spec",
+        "requantize_output": "bool",
+    }
 
     def __init__(
         self,
@@ -175,6 +189,8 @@ class Add(nn.Module):
 class QStaticAdd(QuantizedModule):
     """``y = dq(q(a + b))``: an ``Add`` whose output is requantized with calibrated per-tensor qparams."""
 
+    ENTRY_FIELDS = {"act_spec": "spec"}
+
     def __init__(self, act_spec: QuantSpec = ACTIVATION_SPECS["uint8"]) -> None:
         super().__init__()
         if act_spec not in ACTIVATION_SPECS.values():
@@ -184,6 +200,9 @@ class QStaticAdd(QuantizedModule):
         self.register_buffer("output_zero_point", torch.zeros((), dtype=act_spec.fmt.torch_dtype))
 
     set_activation_qparams = StaticActivations.set_activation_qparams
+
+    def state_problem(self) -> str | None:
+        return scale_problem("output_scale", self.output_scale)
 
     @classmethod
     def from_entry(cls, e: dict) -> QStaticAdd:

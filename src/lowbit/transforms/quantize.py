@@ -1,23 +1,43 @@
-"""``quantize_``: look the handler up by ``type(config)`` and let it swap modules in place."""
+"""``quantize_``: look the handler up by ``type(config)`` and let it swap modules in place.
+
+Around every handler, ``quantize_`` itself:
+
+- refuses a model with parameters on the meta device (not loaded) and a bare layer given as the model
+  (the model object cannot be swapped in place: wrap it in ``nn.Sequential``), before anything changes;
+- keeps layers whose weight has no element out of the handler's selection, listed in
+  ``summary.skipped`` ("zero-size weight (0, 8): nothing to quantize");
+- lists, after the handler, each selected weight-bearing compute layer it left float (``COMPUTE_LAYERS``:
+  Linear, Conv*, RNN/LSTM/GRU and their cells, MultiheadAttention, Bilinear, Embedding(Bag),
+  transformers' GPT-2 ``Conv1D``) in ``summary.skipped`` as "Conv1d: not supported by WeightOnly",
+  unless the handler gave a reason; a layer inside a listed one (MultiheadAttention's ``out_proj``) is
+  covered by its parent. Norms, activations and other leaf modules left float are counted by type in
+  ``summary.float_ops``. Layers the user deselected (include/exclude) are not listed.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.kernels.advice import Advice, apply_advice, load_cached
+from lowbit.nn.modules import QuantizedModule
 from lowbit.transforms.configs import QuantConfig
 
 HANDLERS: dict[type[QuantConfig], Callable] = {}
 
 
 def register_handler(config_type: type[QuantConfig]) -> Callable:
-    """Decorator: ``fn(model, config, calib, selector, progress) -> QuantSummary`` handles ``config_type``."""
+    """Decorator: ``fn(model, config, calib, selector, progress) -> QuantSummary`` handles ``config_type``.
+
+    The handler swaps the selected layers it supports; ``quantize_`` checks the model before and records
+    what was left float after (module docstring)."""
 
     def deco(fn: Callable) -> Callable:
         HANDLERS[config_type] = fn
@@ -63,12 +83,15 @@ class Selector:
     """Module-name filter. Patterns are globs (``*.mlp.*``) or regexes prefixed ``re:``.
 
     A name is selected when it matches some ``include`` pattern (all names if include is empty)
-    and no ``exclude`` pattern.
+    and no ``exclude`` pattern, and is not one of the names in ``skip``.
     """
 
-    def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
+    def __init__(
+        self, include: Sequence[str] = (), exclude: Sequence[str] = (), skip: Collection[str] = ()
+    ) -> None:
         self.include = [self._compile(p) for p in include]
         self.exclude = [self._compile(p) for p in exclude]
+        self.skip = frozenset(skip)
 
     @staticmethod
     def _compile(p: str) -> re.Pattern:
@@ -78,8 +101,79 @@ class Selector:
             raise LowbitError(f"bad module pattern {p!r}: {e}") from None
 
     def __call__(self, fqn: str) -> bool:
+        if fqn in self.skip:
+            return False
         inc = not self.include or any(p.fullmatch(fqn) for p in self.include)
         return inc and not any(p.fullmatch(fqn) for p in self.exclude)
+
+
+# Float layers whose weights carry a layer's compute: each one a config leaves float is listed by name.
+COMPUTE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention,
+)  # fmt: skip
+COMPUTE_LAYER_NAMES = ("Conv1D",)  # transformers' GPT-2 Conv1D, by name (no transformers import here)
+
+
+def is_compute_layer(m: nn.Module) -> bool:
+    """Whether ``m`` is a float ``COMPUTE_LAYERS`` layer (subclasses too) or a ``COMPUTE_LAYER_NAMES`` one."""
+    if isinstance(m, QuantizedModule):
+        return False
+    return isinstance(m, COMPUTE_LAYERS) or type(m).__name__ in COMPUTE_LAYER_NAMES
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise ``LowbitError`` for a model ``quantize_`` cannot work on in place: parameters on the meta
+    device, or a bare layer (the root cannot be swapped for its quantized twin)."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise LowbitError(
+            f"model has parameters on the meta device (not loaded): {len(meta)} of them, e.g. {meta[0]!r}; "
+            "load its weights first (load_state_dict(..., assign=True), or from_pretrained without a meta "
+            "device map)"
+        )
+    if is_compute_layer(model):
+        kind = type(model).__name__
+        raise LowbitError(
+            f"got a bare {kind} as the model: quantize_ swaps layers inside the model in place and cannot "
+            f"replace the object it is given; wrap it, model = nn.Sequential(layer), quantize_(model, "
+            "config), and use model[0]"
+        )
+
+
+def zero_size_layers(model: nn.Module) -> dict[str, str]:
+    """fqn -> reason for each compute layer whose weight has no element (nothing to quantize)."""
+    out = {}
+    for fqn, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if is_compute_layer(m) and isinstance(w, torch.Tensor) and w.numel() == 0:
+            out[fqn] = f"zero-size weight {tuple(w.shape)}: nothing to quantize"
+    return out
+
+
+def note_float_layers(model: nn.Module, summary: QuantSummary, select: Callable[[str], bool]) -> None:
+    """After a handler: each selected compute layer left float into ``summary.skipped`` (a handler's
+    reason kept; layers inside a listed one skipped), leaf modules left float counted in ``float_ops``."""
+    config = type(summary.config).__name__
+    listed: list[str] = []
+    for fqn, m in model.named_modules():
+        if any(fqn.startswith(p + ".") for p in listed):
+            continue
+        if fqn in summary.skipped or (is_compute_layer(m) and select(fqn)):
+            listed.append(fqn)
+            summary.skipped.setdefault(fqn, f"{type(m).__name__}: not supported by {config}")
+    summary.float_ops = float_ops(model)
+
+
+def float_ops(model: nn.Module) -> dict[str, int]:
+    """Leaf module types left float, with counts (``nn.Identity``, left by fusion or folding, not counted)."""
+    kinds = Counter(
+        type(m).__name__
+        for m in model.modules()
+        if not list(m.children()) and not isinstance(m, QuantizedModule) and type(m) is not nn.Identity
+    )
+    return dict(sorted(kinds.items()))
 
 
 def require_quantized(summary: QuantSummary) -> None:
@@ -109,7 +203,12 @@ def quantize_(
     if handler is None:
         known = ", ".join(t.__name__ for t in HANDLERS)
         raise LowbitError(f"no handler for config {type(config).__name__}; known: {known}")
-    summary = handler(model, config, calib, Selector(include, exclude), progress)
+    check_model(model)
+    select = Selector(include, exclude)
+    empty = {f: why for f, why in zero_size_layers(model).items() if select(f)}
+    summary = handler(model, config, calib, Selector(include, exclude, skip=empty), progress)
+    summary.skipped.update(empty)
+    note_float_layers(model, summary, select)
     require_quantized(summary)
     if advice:
         summary.routed = apply_advice(model, load_cached() if advice is True else advice)

@@ -9,7 +9,8 @@
 | `w8a8`       | ``Int8Dynamic()``: int8 weights per channel, int8 activations per token |
 | `w8a8-static`| ``StaticW8A8()``: activation ranges fixed by calibration (needs data) |
 
-Without a suffix, 8-bit schemes are symmetric and lower bit widths asymmetric. Bits: 2..8.
+Without a suffix, 8-bit schemes are symmetric and lower bit widths asymmetric. Bits: 2..8; group sizes
+1..``MAX_GROUP``.
 Without ``e``, embeddings use the Linear layers' bits and group size.
 
 ``method`` picks the algorithm: for weight-only schemes one of ``WEIGHT_METHODS`` (``rtn``, ``hqq``,
@@ -32,6 +33,7 @@ from lowbit.transforms.configs import (
     WeightOnly,
 )
 
+MAX_GROUP = 1 << 20
 _SCHEME = re.compile(r"w(?P<bits>\d)(?:g(?P<group>\d+))?(?:e(?P<emb>\d))?(?P<sym>-sym|-asym)?")
 
 
@@ -65,6 +67,10 @@ def _parse(scheme: str) -> QuantConfig:
         )
     bits = int(m["bits"])
     group = int(m["group"]) if m["group"] else None
+    if not 2 <= bits <= 8 or (m["emb"] and not 2 <= int(m["emb"]) <= 8):
+        raise LowbitError(f"scheme {scheme!r}: bit widths must be 2..8")
+    if group is not None and not 1 <= group <= MAX_GROUP:
+        raise LowbitError(f"scheme {scheme!r}: group size must be 1..{MAX_GROUP}")
     symmetric = m["sym"] == "-sym" if m["sym"] else bits == 8
     if m["emb"]:
         return WeightOnly(bits, group, symmetric, embedding_bits=int(m["emb"]), embedding_group_size=0)

@@ -8,7 +8,8 @@ calibration peaks (``stretch_relu6_``, one extra pass over ``calib``); observers
 input and output of every selected ``nn.Linear``/``nn.Conv2d`` while ``calib`` runs through the float
 model; weights quantized per output channel; each layer replaced by ``QStaticLinear``/``QStaticConv2d``
 holding its calibrated qparams. Everything else stays float and is listed in the summary (layers
-the calibration never reached are kept float too, with that reason).
+the calibration never reached are kept float too, with that reason; ``quantize_`` lists the rest, see
+``lowbit.transforms.quantize``).
 
 Activation fusion (uint8 activations): a layer directly followed by ReLU/ReLU6 (``fusable_activations``)
 has its output observed after the activation. Its output range then starts at 0 (zero point 0) and ends
@@ -23,8 +24,6 @@ dequantize and quantize nodes (MobileNetV2: 9 float Adds and 27 Q/DQ nodes fewer
 """
 
 from __future__ import annotations
-
-from collections import Counter
 
 import torch
 from torch import nn
@@ -123,7 +122,6 @@ def _static_w8a8(model: nn.Module, config: StaticW8A8, calib, select: Selector, 
             model.set_submodule(fused[fqn], nn.Identity())
             summary.fused[fused[fqn]] = fqn
     _swap_adds(model, adds, act_spec, summary)
-    summary.float_ops = _float_ops(model)
     gone = set(summary.folded) | set(summary.fused)  # modules now nn.Identity: saved, so load can match
     model.lowbit_identity = sorted(set(getattr(model, "lowbit_identity", ())) | gone)
     model.lowbit_inputs = spec  # shapes/dtypes of a calibration batch: an export example
@@ -174,14 +172,3 @@ def _swap_adds(model: nn.Module, observers: dict, act_spec, summary: QuantSummar
 
 def _int8_output(config: StaticW8A8, m: nn.Module) -> bool:
     return config.int8_outputs == "all" or (config.int8_outputs == "conv" and isinstance(m, nn.Conv2d))
-
-
-def _float_ops(model: nn.Module) -> dict[str, int]:
-    """Leaf module types left float, with counts (``nn.Identity`` left by BatchNorm folding not counted)."""
-    static = (*set(STATIC_FLOAT_TO_Q.values()), QStaticAdd)
-    kinds = Counter(
-        type(m).__name__
-        for m in model.modules()
-        if not list(m.children()) and not isinstance(m, static) and type(m) is not nn.Identity
-    )
-    return dict(sorted(kinds.items()))
