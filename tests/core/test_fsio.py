@@ -229,9 +229,14 @@ def test_modes_follow_umask(tmp_path, umask, exists):
         (tmp_path / "f.json").write_text("old")
     with fsio.atomic_dir(tmp_path / "q", overwrite=True) as tmp:
         (tmp / "w").write_text("new")
+        (tmp / "private").write_text("safetensors writes its files 0600")
+        (tmp / "private").chmod(0o600)
+        (tmp / "sub").mkdir(mode=0o700)
     fsio.atomic_write_text(tmp_path / "f.json", "{}")
     assert (tmp_path / "q").stat().st_mode & 0o7777 == 0o777 & ~umask
-    assert (tmp_path / "q" / "w").stat().st_mode & 0o7777 == 0o666 & ~umask
+    assert (tmp_path / "q" / "sub").stat().st_mode & 0o7777 == 0o777 & ~umask
+    for name in ("w", "private"):
+        assert (tmp_path / "q" / name).stat().st_mode & 0o7777 == 0o666 & ~umask
     assert (tmp_path / "f.json").stat().st_mode & 0o7777 == 0o666 & ~umask
 
 

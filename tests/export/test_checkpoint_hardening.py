@@ -334,3 +334,17 @@ def test_checkpoint_whose_config_asks_for_remote_code_is_refused(tmp_path, capsy
         lowbit.load(folder)
     code, _, err = _cli(capsys, "eval", folder, "--quiet")
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_checkpoint_files_follow_the_umask(tmp_path, mask):
+    import os
+
+    old = os.umask(mask)
+    try:
+        folder = lowbit.save(_model(), tmp_path / "q")
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+    for name in ("model.safetensors", "quant_config.json"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~mask

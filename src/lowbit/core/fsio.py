@@ -1,13 +1,14 @@
 """File-system helpers: atomic output folders and files, the cache root, data files of installed packages.
 
 ``atomic_dir(target)`` yields a hidden temp folder ``.NAME.tmp-<pid>-<random>`` beside ``target`` to fill.
-When the block succeeds, the folder gets the mode a plain ``mkdir`` would (umask applied), its files and
-folders are fsynced, and it becomes ``target`` in one step: on Linux an atomic exchange
-(``renameat2(RENAME_EXCHANGE)``), so an overwritten target holds the old or the new copy, complete, at every
-moment; the old copy, now at the temp name, is removed. Where the exchange is unsupported (other systems,
-some file systems) the old copy is first renamed to ``.NAME.old-<pid>-<random>``: a crash before the new copy
-is in place leaves no ``target``, and the next start on it puts the old copy back. The parent folder is
-fsynced after the swap. A block that raises leaves ``target`` as it was.
+When the block succeeds, the folder and what it holds get the modes a plain ``mkdir``/``open`` would (umask
+applied, whatever mode the writer used), its files and folders are fsynced, and it becomes ``target`` in
+one step: on Linux an atomic exchange (``renameat2(RENAME_EXCHANGE)``), so an overwritten target holds the
+old or the new copy, complete, at every moment; the old copy, now at the temp name, is removed. Where the
+exchange is unsupported (other systems, some file systems) the old copy is first renamed to
+``.NAME.old-<pid>-<random>``: a crash before the new copy is in place leaves no ``target``, and the next
+start on it puts the old copy back. The parent folder is fsynced after the swap. A block that raises
+leaves ``target`` as it was.
 
 ``atomic_write_bytes`` / ``atomic_write_text`` write one file the same way (``.NAME.tmp-<pid>-<random>``,
 mode ``0666 & ~umask``, fsync, ``rename`` over the old file, which is atomic everywhere).
@@ -228,11 +229,25 @@ def atomic_dir(
         raise LowbitError(f"cannot write in {target.parent}: {e.strerror}") from e
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        _umask_modes(tmp)
         fsync_tree(tmp)
         _swap_in(tmp, target, overwrite)
     finally:
         _remove(tmp)  # the unfinished output, or the replaced copy; nothing once tmp became target
+
+
+def _umask_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain ``mkdir``/``open`` would (umask applied), so
+    the libraries that write into it (safetensors writes 0600) do not decide who may read the output."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            os.chmod(p, 0o777 & ~mask)
+        elif p.is_file():
+            os.chmod(p, (0o666 | (p.stat().st_mode & 0o111)) & ~mask)
 
 
 def _swap_in(tmp: Path, target: Path, overwrite: bool) -> None:
