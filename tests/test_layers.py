@@ -43,6 +43,35 @@ def test_no_upward_import(path):
         assert dep == own or RANK[dep] < RANK[own], f"{rel} imports lowbit.{dep} (upward)"
 
 
+def _module_imports(path: Path) -> set[str]:
+    """Modules of lowbit that ``path`` imports anywhere in it (inside functions too)."""
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lowbit."):
+            deps |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names if a.name.startswith("lowbit.")}
+    return deps
+
+
+@pytest.mark.parametrize("package", ["transforms", "export"])
+def test_no_import_cycle(package):
+    """No module of ``package`` imports, directly or through others of it, a module that imports it."""
+    files = {f"lowbit.{package}.{p.stem}": p for p in (SRC / package).glob("*.py") if p.stem != "__init__"}
+    graph = {name: _module_imports(p) & files.keys() - {name} for name, p in files.items()}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()] - seen:
+                seen.add(d)
+                todo.append(d)
+        return seen
+
+    cyclic = sorted(name for name in graph if name in reachable(name))
+    assert not cyclic, f"import cycle through {cyclic}"
+
+
 def test_import_is_lean():
     code = (
         "import sys, lowbit, torch; "

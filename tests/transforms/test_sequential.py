@@ -284,11 +284,11 @@ def test_other_architectures_through_the_pipeline(kind):
 
 
 def test_row_chunks_round_the_same(monkeypatch):
-    from lowbit.transforms import weight_only
+    from lowbit.transforms import swap
 
     whole, chunked = tiny_llama(), tiny_llama()
     quantize_(whole, WeightOnly(**W4))
-    monkeypatch.setattr(weight_only, "CHUNK_ROWS", 7)  # 64-row embedding in 10 chunks
+    monkeypatch.setattr(swap, "CHUNK_ROWS", 7)  # 64-row embedding in 10 chunks
     quantize_(chunked, WeightOnly(**W4))
     a, b = whole.state_dict(), chunked.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -234,7 +234,7 @@ def test_tables_stream_in_row_chunks(tmp_path, monkeypatch, tied, config, exclud
     """Embedding and LM head read 7 rows at a time (capture: only the calibration ids' rows), not
     whole unless kept float, give the checkpoint of whole-table rounding in memory."""
     from lowbit.export import source
-    from lowbit.transforms import weight_only
+    from lowbit.transforms import swap
 
     model = _llama(tied, pad_token_id=5)
     model.save_pretrained(tmp_path / "src")
@@ -243,7 +243,7 @@ def test_tables_stream_in_row_chunks(tmp_path, monkeypatch, tied, config, exclud
     lowbit.save(model, tmp_path / "mem")
     real, read = source.Source.read, []
     monkeypatch.setattr(source.Source, "read", lambda self, keys: read.extend(keys) or real(self, keys))
-    monkeypatch.setattr(weight_only, "CHUNK_ROWS", 7)  # 64 rows in 10 chunks
+    monkeypatch.setattr(swap, "CHUNK_ROWS", 7)  # 64 rows in 10 chunks
     summary = quantize_folder(
         tmp_path / "src", config, tmp_path / "out", calib, exclude=exclude, progress=False
     )

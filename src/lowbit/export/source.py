@@ -26,9 +26,9 @@ from lowbit.core.codec import encode
 from lowbit.core.errors import CheckpointError
 from lowbit.export.checkpoint import WEIGHTS
 from lowbit.nn.modules import FLOAT_TO_Q, QuantizedWeightModule
-from lowbit.transforms import weight_only
+from lowbit.transforms import swap
 from lowbit.transforms.quantize import QuantSummary
-from lowbit.transforms.weight_only import Plan, Rounding
+from lowbit.transforms.swap import Plan, Rounding
 
 HEAD = "lm_head"  # read last: an untied LM head can be as big as the embeddings
 
@@ -99,7 +99,7 @@ class Source:
     def take(self, key: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (sorted, unique, in range) of 2-D tensor ``key``: ``(len(ids), cols)``, read
         ``CHUNK_ROWS`` rows at a time keeping only the wanted ones."""
-        step, parts = weight_only.CHUNK_ROWS, []
+        step, parts = swap.CHUNK_ROWS, []
         with self._open(self.weight_map[key]) as f:
             table = f.get_slice(key)
             for a in range(0, table.get_shape()[0], step):
@@ -202,7 +202,7 @@ def _fill(q: QuantizedWeightModule, quantize: Rounding, source: Source, key: str
     """``q.set_weight(by_rows(quantize, weight, ...))`` with the weight read ``CHUNK_ROWS`` rows at a
     time from ``source[key]``: the same chunks, so the same codes and qparams, bitwise."""
     source.check(key, (q.rows, q.cols))
-    step = weight_only.CHUNK_ROWS if q.rows > weight_only.CHUNK_ROWS else max(q.rows, 1)
+    step = swap.CHUNK_ROWS if q.rows > swap.CHUNK_ROWS else max(q.rows, 1)
     scales, zps = [], []
     for a in range(0, q.rows, step):
         qt = quantize(source.rows(key, a, a + step).to(dtype), q.spec, name)
@@ -247,5 +247,5 @@ def quantize_tables(
             continue
         fill = partial(_fill, quantize=quantize, source=source, key=keys[wid], dtype=m.weight.dtype,
                        name=f"{fqn}.weight")  # fmt: skip
-        q = weight_only.swap_module(model, fqn, m, cls, spec, owner, fill, summary)
+        q = swap.swap_module(model, fqn, m, cls, spec, owner, fill, summary)
         done.setdefault(wid, (fqn, q))

@@ -24,7 +24,7 @@ from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.modules import QLinear
 from lowbit.transforms.mappings import Architecture, fold_scales, resolve
-from lowbit.transforms.weight_only import rounding
+from lowbit.transforms.swap import rounding
 
 SAMPLE_ROWS = 4096  # input rows kept (seeded random subset) per Linear input for AWQ's searches
 GPTQ_BLOCK = 128  # columns per GPTQ lazy batch update

@@ -8,7 +8,7 @@ from lowbit.nn.dynamic import QDynamicLinear
 from lowbit.nn.modules import FLOAT_TO_Q
 from lowbit.transforms.configs import Int8Dynamic
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
-from lowbit.transforms.weight_only import swap_weights
+from lowbit.transforms.swap import swap_weights
 
 
 @register_handler(Int8Dynamic)

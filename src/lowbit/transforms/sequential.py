@@ -36,7 +36,7 @@ from lowbit.transforms.calibrate import input_spec
 from lowbit.transforms.configs import Int8Dynamic, QuantConfig, SmoothQuant, WeightOnly
 from lowbit.transforms.mappings import architecture, blocks_path
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
-from lowbit.transforms.weight_only import Plan, Rounding, rounding, swap_weights, weight_plan
+from lowbit.transforms.swap import Plan, Rounding, rounding, swap_weights, weight_plan
 
 CHUNK_TOKENS = 2048  # calibration samples of equal shape are stacked up to this many tokens per forward
 
