@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit import CheckpointError, Int8Dynamic, LowbitError, SmoothQuant, WeightOnly, quantize_
-from lowbit.export import streaming
-from lowbit.export.streaming import merge_safetensors, quantize_folder
+from lowbit.export import staging, streaming
+from lowbit.export.staging import merge_safetensors
+from lowbit.export.streaming import quantize_folder
+from lowbit.transforms import sequential
 from support import tiny_llama
 
 GPTQ = WeightOnly(bits=4, group_size=16, method="gptq")
@@ -43,15 +45,19 @@ def _same_checkpoint(a: Path, b: Path, bytewise: bool = False) -> None:
 @pytest.mark.parametrize(
     "config",
     [
+        WeightOnly(bits=4, group_size=16),
         GPTQ,
+        WeightOnly(bits=4, group_size=16, method="awq"),
         WeightOnly(bits=4, group_size=16, method="awq+gptq"),
         SmoothQuant(),
         WeightOnly(method="hqq"),
         Int8Dynamic(),
     ],
-    ids=["gptq", "awq+gptq", "smoothquant", "hqq", "w8a8"],
+    ids=["rtn", "gptq", "awq", "awq+gptq", "smoothquant", "hqq", "w8a8"],
 )
 def test_streaming_equals_in_memory(src, tmp_path, config):
+    """``quantize_`` + ``lowbit.save`` and ``quantize_folder`` give the same tensors, bit for bit, and
+    the same quant_config.json (both runs go through ``sequential.run_blocks``)."""
     model = tiny_llama()
     quantize_(model, config, _calib())
     lowbit.save(model, tmp_path / "mem")
@@ -74,7 +80,7 @@ def test_sharded_source_gives_the_same_checkpoint(src, tmp_path):
 
 def _crash_at_block(monkeypatch, index: int) -> list[str]:
     """Make ``quantize_block`` raise when it reaches block ``index``; returns the prefixes it ran."""
-    real, calls = streaming.quantize_block, []
+    real, calls = sequential.quantize_block, []
 
     def flaky(block, prefix, *args, **kwargs):
         calls.append(prefix)
@@ -82,7 +88,7 @@ def _crash_at_block(monkeypatch, index: int) -> list[str]:
             raise RuntimeError("simulated crash")
         return real(block, prefix, *args, **kwargs)
 
-    monkeypatch.setattr(streaming, "quantize_block", flaky)
+    monkeypatch.setattr(sequential, "quantize_block", flaky)
     return calls
 
 
@@ -106,12 +112,13 @@ import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 from lowbit import WeightOnly
 from lowbit.export import streaming
-real = streaming.quantize_block
+from lowbit.transforms import sequential
+real = sequential.quantize_block
 def dying(block, prefix, *a, **k):
     if prefix.endswith(".1"):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(block, prefix, *a, **k)
-streaming.quantize_block = dying
+sequential.quantize_block = dying
 g = torch.Generator().manual_seed(1)
 calib = [torch.randint(0, 64, (1, 16), generator=g) for _ in range(5)]
 streaming.quantize_folder({src!r}, WeightOnly(bits=4, group_size=16, method="gptq"), {out!r}, calib,
@@ -156,7 +163,7 @@ def test_existing_output_and_failed_final_write(src, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as mp:
-        mp.setattr(streaming, "merge_safetensors", disk_full)
+        mp.setattr(staging, "merge_safetensors", disk_full)
         with pytest.raises(LowbitError, match="No space left on device.*run again to resume"):
             quantize_folder(src, GPTQ, out, _calib(), overwrite=True, progress=False)
     assert (out / "keep.txt").read_text() == "previous output" and len(list(tmp_path.iterdir())) == 3

@@ -44,7 +44,7 @@ QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one name per shared tensor; return (tensors, alias -> canonical name)."""
     seen: dict[tuple, str] = {}
     tensors, aliases = {}, {}
@@ -91,7 +91,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwr
     ``out_dir`` is replaced only with ``overwrite`` and only if it is a lowbit checkpoint or empty."""
     out_dir = check_target(out_dir, overwrite)
     modules = {fqn: m.config_entry() for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)}
-    tensors, aliases = _dedupe(model.state_dict())
+    tensors, aliases = dedupe_state(model.state_dict())
     meta = {
         "config": getattr(model, "lowbit_config", None),
         "modules": modules,

@@ -56,6 +56,13 @@ class BlockPlan:
     def needs_data(self) -> bool:
         return self.scales is not None or self.rounding in ("gptq", "awq")
 
+    @property
+    def label(self) -> str:
+        """Name of the method for progress bars: "gptq", "awq", "awq+gptq", "smoothquant", "rtn", ..."""
+        if self.scales == "smooth":
+            return "smoothquant"
+        return f"{self.scales}+{self.rounding}" if self.scales not in (None, self.rounding) else self.rounding
+
 
 def compute_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     """The matmul dtype ``name`` ("auto" | "float32" | "bfloat16") means on ``device``: "auto" is

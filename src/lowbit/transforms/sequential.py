@@ -14,8 +14,9 @@
 3. Embeddings and the LM head are rounded like ``WeightOnly``/``Int8Dynamic`` do (tied weights shared).
 
 Linears whose group saw no calibration token (e.g. MoE experts never routed to) are rounded without
-data (HQQ) and listed in ``PipelineSummary.uncalibrated``. The same ``quantize_block`` serves the
-in-memory path here and the streaming path (``lowbit.export.streaming``).
+data (HQQ) and listed in ``PipelineSummary.uncalibrated``. Steps 1-2 are ``run_blocks``, the one block
+loop: the block store it is given (``lowbit.transforms.store``) says where blocks come from and go to,
+in memory (``quantize_sequential``) or staged on disk (``lowbit.export.streaming.quantize_folder``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lowbit.transforms.calibrate import input_spec
 from lowbit.transforms.configs import Int8Dynamic, QuantConfig, SmoothQuant, WeightOnly
 from lowbit.transforms.mappings import architecture, blocks_path
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
+from lowbit.transforms.store import BlockStore, InMemoryStore
 from lowbit.transforms.swap import Plan, Rounding, rounding, swap_weights, weight_plan
 
 CHUNK_TOKENS = 2048  # calibration samples of equal shape are stacked up to this many tokens per forward
@@ -232,25 +234,52 @@ def quantize_sequential(
     """Quantize a Hugging Face decoder in place, block by block (module docstring)."""
     plan = block_plan(config)
     batches = check_calib(config, calib)
-    arch = architecture(getattr(model, "config", None))
-    path = blocks_path(model, arch)
-    blocks = model.get_submodule(path)
+    path = blocks_path(model, architecture(getattr(model, "config", None)))
     summary = pipeline_summary(config, plan, model)
     was_training = model.training
     model.eval()
     try:
-        cap = capture(model, path, batches) if plan.needs_data else None
-        label = config.method if isinstance(config, WeightOnly) else "smoothquant"
-        for i in tqdm(range(len(blocks)), desc=label, unit="block", disable=not progress):
-            res = quantize_block(
-                blocks[i], f"{path}.{i}", plan, arch, select,
-                cap.hidden if cap else None, cap.kwargs[i] if cap else None, propagate=i + 1 < len(blocks),
-            )  # fmt: skip
-            merge(summary, res)
+        run_blocks(model, path, plan, select, batches, InMemoryStore(), summary, progress)
         quantize_rest(model, config, lambda fqn: select(fqn) and not fqn.startswith(path + "."), summary)
     finally:
         model.train(was_training)
     return summary
+
+
+def run_blocks(
+    model: nn.Module,
+    path: str,
+    plan: BlockPlan,
+    select: Callable[[str], bool],
+    batches: list,
+    store: BlockStore,
+    summary: PipelineSummary,
+    progress: bool,
+) -> None:
+    """Quantize the decoder blocks at ``path`` in order (module docstring, steps 1-2), the blocks
+    coming from and going to ``store`` (``lowbit.transforms.store``); the blocks ``store`` finished
+    before are not run again, and calibration resumes from the inputs it kept for the next one."""
+    arch = architecture(getattr(model, "config", None))
+    blocks = model.get_submodule(path)
+    for i in range(store.done):
+        merge(summary, store.result(i))
+    if store.done == len(blocks):
+        return
+    cap = None
+    if plan.needs_data:
+        with store.capturing(model):
+            cap = capture(model, path, batches)
+        if store.done:
+            cap.hidden = store.hidden(store.done)
+    bar = tqdm(range(store.done, len(blocks)), desc=plan.label, unit="block", disable=not progress)
+    for i in bar:
+        prefix, block, last = f"{path}.{i}", blocks[i], i + 1 == len(blocks)
+        store.load(i, prefix, block)
+        hidden, kwargs = (cap.hidden, cap.kwargs[i]) if cap else (None, None)
+        res = quantize_block(block, prefix, plan, arch, select, hidden, kwargs, propagate=not last)
+        store.commit(i, prefix, block, res, cap.hidden if cap and not last else None)
+        merge(summary, res)
+        store.release(i, block)
 
 
 def pipeline_summary(config: QuantConfig, plan: BlockPlan, model: nn.Module) -> PipelineSummary:
