@@ -240,8 +240,7 @@ FLOAT_EMBEDDING = WeightOnly(bits=4, group_size=16, quantize_embeddings=False)
 def test_tables_stream_in_row_chunks(tmp_path, monkeypatch, tied, config, exclude, read_whole):
     """Embedding and LM head read 7 rows at a time (capture: only the calibration ids' rows), not
     whole unless kept float, give the checkpoint of whole-table rounding in memory."""
-    from lowbit.export import source
-    from lowbit.transforms import swap
+    from lowbit.transforms import source, swap
 
     model = _llama(tied, pad_token_id=5)
     model.save_pretrained(tmp_path / "src")

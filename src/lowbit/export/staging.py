@@ -34,11 +34,13 @@ from torch import nn
 
 from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.fsio import atomic_dir, atomic_write_text
+from lowbit.core.heap import trim_heap
 from lowbit.export.checkpoint import FORMAT_NAME, WEIGHTS, dedupe_state, is_checkpoint, write_quant_config
-from lowbit.export.source import Source, embedding_fqn, embedding_rows, materialise, trim_heap
 from lowbit.nn.modules import QuantizedWeightModule
 from lowbit.transforms.block import BlockResult
 from lowbit.transforms.configs import QuantConfig
+from lowbit.transforms.source import HEAD, Source, embedding_fqn, embedding_rows, in_head, materialise
+from lowbit.transforms.swap import Rows
 
 STAGE_SUFFIX = ".lowbit-partial"
 STAGE_VERSION = 1
@@ -65,7 +67,9 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
 class StagedStore:
     """The staging folder of one output (module docstring): finished blocks and the next inputs. As a
     block store (``lowbit.transforms.store.BlockStore``) it reads each block from ``source``, stages
-    it when quantized, then sends it back to the meta device; ``done`` counts the staged blocks."""
+    it when quantized, then sends it back to the meta device; ``done`` counts the staged blocks. Of the
+    tensors outside the blocks, it hands the tables over a row chunk at a time (``table``) and keeps
+    float tables the source holds as float32 on meta: ``write_checkpoint`` copies their bytes."""
 
     def __init__(
         self, out: Path, fingerprint: dict, resume: bool, progress: bool, activations: bool, source: Source
@@ -168,6 +172,41 @@ class StagedStore:
         with safe_open(str(self.block_file(i)), "pt") as f:
             meta = f.metadata()
         return {k: json.loads(v) for k, v in meta.items()}
+
+    def table(self, key: str, shape: tuple[int, int]) -> Rows:
+        """Reader of rows ``start:stop`` of the source's ``key`` (``CheckpointError`` unless ``shape``)."""
+        self.source.check(key, shape)
+        return lambda start, stop: self.source.rows(key, start, stop)
+
+    def load_rest(self, model: nn.Module, path: str, rounded: list[nn.Module]) -> None:
+        """Read in the tensors outside the blocks still on meta, but float tables the source holds as
+        float32 (copied by ``write_checkpoint``) unless in ``rounded``, and a tied LM head (the
+        embedding's, ``_tie_float_head``)."""
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        late = [k for k, v in model.state_dict().items() if v.is_meta and not k.startswith(path + ".")]
+        late = [k for k in late if not (tied and in_head(k))]
+        copied = [
+            k for k in late
+            if k in params and all(params[k] is not m.weight for m in rounded)
+            and k in self.source and self.source.dtype(k) == "F32"
+        ]  # fmt: skip
+        materialise(model, "", self.source, [k for k in late if k not in copied])
+        if tied:
+            _tie_float_head(model, self.source)
+
+
+def _tie_float_head(model: nn.Module, source: Source) -> None:
+    """A tied LM head still float and on meta: the embedding's float table (read whole if the
+    embedding itself was quantized)."""
+    head, emb = dict(model.named_modules()).get(HEAD), model.get_input_embeddings()
+    if type(head) is not nn.Linear or not head.weight.is_meta:
+        return
+    if isinstance(emb, QuantizedWeightModule):
+        key = f"{embedding_fqn(model)}.weight"
+        head.weight = nn.Parameter(source.read([key])[key].to(head.weight.dtype), requires_grad=False)
+    else:
+        head.weight = emb.weight
 
 
 def _read_header(path: Path) -> tuple[dict, int]:

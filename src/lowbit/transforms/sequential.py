@@ -11,12 +11,16 @@
    group, rows stacked; with ``true_sequential``, from the block quantized so far) and swapped for
    quantized modules; then the QUANTIZED block runs on the same inputs to give the next block's
    inputs, so later blocks see (and GPTQ compensates) the error of earlier ones.
-3. Embeddings and the LM head are rounded like ``WeightOnly``/``Int8Dynamic`` do (tied weights shared).
+3. ``quantize_rest``: embeddings and the LM head are rounded like ``WeightOnly``/``Int8Dynamic`` do
+   (tied weights shared); tables a store left on the meta device are read and rounded a row chunk at
+   a time (``swap.quantize_tables``).
 
 Linears whose group saw no calibration token (e.g. MoE experts never routed to) are rounded without
 data (HQQ) and listed in ``PipelineSummary.uncalibrated``. Steps 1-2 are ``run_blocks``, the one block
-loop: the block store it is given (``lowbit.transforms.store``) says where blocks come from and go to,
-in memory (``quantize_sequential``) or staged on disk (``lowbit.export.streaming.quantize_folder``).
+loop, step 3 ``quantize_rest``; ``run_pipeline`` runs all three, given a block store
+(``lowbit.transforms.store``) that says where tensors come from and go to: in memory
+(``quantize_sequential``) or read from safetensors and staged on disk
+(``lowbit.export.streaming.quantize_folder``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from lowbit.transforms.configs import Int8Dynamic, QuantConfig, SmoothQuant, Wei
 from lowbit.transforms.mappings import architecture, blocks_path
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
 from lowbit.transforms.store import BlockStore, InMemoryStore
-from lowbit.transforms.swap import Plan, Rounding, rounding, swap_weights, weight_plan
+from lowbit.transforms.swap import Plan, Rounding, quantize_tables, rounding, swap_weights, weight_plan
 
 CHUNK_TOKENS = 2048  # calibration samples of equal shape are stacked up to this many tokens per forward
 
@@ -208,11 +212,42 @@ def rest_plan(config: QuantConfig) -> tuple[Plan, Rounding]:
 
 
 def quantize_rest(
-    model: nn.Module, config: QuantConfig, select: Callable[[str], bool], summary: QuantSummary
+    model: nn.Module,
+    path: str,
+    config: QuantConfig,
+    select: Callable[[str], bool],
+    summary: QuantSummary,
+    store: BlockStore,
 ) -> None:
-    """Round the selected Linear/Embedding layers outside the blocks as ``rest_plan`` says."""
+    """Round the selected Linear/Embedding layers outside the blocks at ``path`` as ``rest_plan`` says
+    (module docstring, step 3). Tables still on meta (a staged store's embedding and LM head) are
+    rounded a row chunk at a time as ``store.table`` reads them (``swap.quantize_tables``); the store
+    then reads in what else is needed (``store.load_rest``) and the others are rounded whole."""
+    inside = path + "."
+    outside = lambda fqn: select(fqn) and not fqn.startswith(inside)  # noqa: E731
     plan, quantize = rest_plan(config)
-    swap_weights(model, plan, select, summary, False, quantize)
+    meta = [n for n, m in model.named_modules() if type(m) in FLOAT_TO_Q and m.weight.is_meta]
+    tables = [n for n in meta if not n.startswith(inside)]  # embedding first, as HF models list them
+    quantize_tables(model, tables, plan, quantize, outside, summary, store.table)
+    left = [m for n, m in model.named_modules() if type(m) in FLOAT_TO_Q and outside(n) and plan(m)]
+    store.load_rest(model, path, left)
+    swap_weights(model, plan, outside, summary, False, quantize)
+
+
+def run_pipeline(
+    model: nn.Module,
+    path: str,
+    config: QuantConfig,
+    select: Callable[[str], bool],
+    batches: list,
+    store: BlockStore,
+    summary: PipelineSummary,
+    progress: bool,
+) -> None:
+    """Quantize ``model`` with ``config``: the decoder blocks at ``path`` (``run_blocks``), then the
+    layers outside them (``quantize_rest``), the tensors coming from and going to ``store``."""
+    run_blocks(model, path, block_plan(config), select, batches, store, summary, progress)
+    quantize_rest(model, path, config, select, summary, store)
 
 
 def check_calib(config: QuantConfig, calib: Iterable | None) -> list:
@@ -239,8 +274,7 @@ def quantize_sequential(
     was_training = model.training
     model.eval()
     try:
-        run_blocks(model, path, plan, select, batches, InMemoryStore(), summary, progress)
-        quantize_rest(model, config, lambda fqn: select(fqn) and not fqn.startswith(path + "."), summary)
+        run_pipeline(model, path, config, select, batches, InMemoryStore(), summary, progress)
     finally:
         model.train(was_training)
     return summary

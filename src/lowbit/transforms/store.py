@@ -1,10 +1,12 @@
-"""Block stores: where the block pipeline (``sequential.run_blocks``) gets each decoder block from and
-where it puts the result.
+"""Block stores: where the block pipeline (``sequential.run_pipeline``: ``run_blocks``, then
+``quantize_rest``) gets each decoder block and the tensors outside the blocks from, and where it puts
+the result.
 
-``run_blocks`` is the one block loop; a store says only what differs between runs. In memory
-(``InMemoryStore``, ``quantize_``) the blocks are already there and stay there. A staged store
+The pipeline drives every quantization step; a store says only what differs between runs. In memory
+(``InMemoryStore``, ``quantize_``) the tensors are already there and stay there. A staged store
 (``lowbit.export.staging.StagedStore``, ``quantize_folder``) reads each block from a safetensors
-folder, commits its result to disk, sends it back to the meta device and resumes after the last commit.
+folder (``lowbit.transforms.source``), commits its result to disk, sends it back to the meta device
+and resumes after the last commit; it hands the big tables over a row chunk at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lowbit.core.errors import LowbitError
 from lowbit.transforms.block import BlockResult
+from lowbit.transforms.swap import Rows
 
 
 class BlockStore(Protocol):
@@ -29,6 +33,11 @@ class BlockStore(Protocol):
     ``commit(i, prefix, block, result, hidden)``: block ``i`` is quantized; ``hidden``, the inputs of
     block ``i + 1`` (None after the last block or without calibration data).
     ``release(i, block)``: block ``i`` is no longer needed by the loop.
+    Then ``quantize_rest``, for the layers outside the blocks:
+    ``table(key, shape)``: a reader ``(start, stop) -> rows`` of tensor ``key`` (``shape``, checked) of
+    a table still on the meta device, which is rounded a row chunk at a time.
+    ``load_rest(model, path, rounded)``: read in the tensors outside the blocks at ``path`` still on
+    meta that the model needs now; ``rounded``: the float layers about to be rounded whole.
     """
 
     done: int
@@ -47,9 +56,13 @@ class BlockStore(Protocol):
 
     def release(self, i: int, block: nn.Module) -> None: ...
 
+    def table(self, key: str, shape: tuple[int, int]) -> Rows: ...
+
+    def load_rest(self, model: nn.Module, path: str, rounded: list[nn.Module]) -> None: ...
+
 
 class InMemoryStore:
-    """The model's own blocks, quantized in place: nothing to load, commit or release."""
+    """The model's own tensors, quantized in place: nothing to load, commit or release."""
 
     done = 0
 
@@ -69,4 +82,13 @@ class InMemoryStore:
         pass
 
     def release(self, i: int, block: nn.Module) -> None:
+        pass
+
+    def table(self, key: str, shape: tuple[int, int]) -> Rows:
+        raise LowbitError(
+            f"{key} is on the meta device: quantize_ needs the weights in memory (load the model without "
+            "offloading, or quantize its folder with quantize_folder)"
+        )
+
+    def load_rest(self, model: nn.Module, path: str, rounded: list[nn.Module]) -> None:
         pass

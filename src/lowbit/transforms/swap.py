@@ -1,8 +1,9 @@
 """Module swap: replace float Linear/Embedding layers by quantized modules, tied weights shared.
 
 Used by every handler that rounds layers on their own (``WeightOnly`` without data, ``Int8Dynamic``),
-by the block pipeline for the layers outside the blocks (``lowbit.transforms.sequential``) and by the
-row-chunked table rounding of streamed runs.
+by the block pipeline for the layers outside the blocks (``lowbit.transforms.sequential``). Tables
+still on the meta device (a streamed run's embedding and LM head) are rounded a row chunk at a time
+from a row reader instead (``quantize_tables``): the same chunks as ``by_rows``, so bitwise the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.rtn import QuantizedTensor, rtn
+from lowbit.core.codec import encode
+from lowbit.core.heap import trim_heap
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.modules import FLOAT_TO_Q, QuantizedWeightModule
 from lowbit.transforms.configs import WeightOnly
@@ -22,6 +25,8 @@ from lowbit.transforms.quantize import QuantSummary
 
 Plan = Callable[[nn.Module], "tuple[type[QuantizedWeightModule], QuantSpec] | None"]
 Rounding = Callable[[torch.Tensor, QuantSpec, str], QuantizedTensor]
+Rows = Callable[[int, int], torch.Tensor]  # (start, stop) -> rows start:stop of one table
+Table = Callable[[str, "tuple[int, int]"], Rows]  # (key, shape) -> row reader of that table
 CHUNK_ROWS = 8192  # rows rounded at once when blocks lie within rows (bounds a big embedding's temporaries)
 
 
@@ -112,3 +117,56 @@ def swap_module(
     model.set_submodule(fqn, q)
     summary.quantized[fqn] = q.extra_repr()
     return q
+
+
+def _fill(q: QuantizedWeightModule, quantize: Rounding, table: Table, key: str, dtype, name: str) -> None:
+    """``q.set_weight(by_rows(quantize, weight, ...))`` with the weight read ``CHUNK_ROWS`` rows at a
+    time by ``table(key, shape)``: the same chunks, so the same codes and qparams, bitwise."""
+    rows = table(key, (q.rows, q.cols))
+    step = CHUNK_ROWS if q.rows > CHUNK_ROWS else max(q.rows, 1)
+    scales, zps = [], []
+    for a in range(0, q.rows, step):
+        qt = quantize(rows(a, a + step).to(dtype), q.spec, name)
+        q.qweight[a : a + step] = encode(qt.codes, q.spec.fmt)
+        scales.append(qt.scale)
+        zps.append(qt.zero_point)
+        del qt
+        trim_heap()  # the chunk's temporaries (a few times 29 MB for Qwen2.5) would stay on the heap
+    q.scale = torch.cat(scales).contiguous()
+    q.zero_point = None if zps[0] is None else torch.cat(zps).contiguous()
+
+
+def quantize_tables(
+    model: nn.Module,
+    fqns: list[str],
+    plan: Plan,
+    quantize: Rounding,
+    select: Callable[[str], bool],
+    summary: QuantSummary,
+    table: Table,
+) -> None:
+    """Swap the modules ``fqns`` (embedding, LM head; weights on meta) for quantized ones filled a row
+    chunk at a time by ``table`` (``(key, shape) -> (start, stop) -> rows``, key: the first owner's
+    ``<fqn>.weight``), exactly as ``swap_weights(model, plan, select, summary, ..., quantize)`` would
+    from the float tables (ties shared). Only for specs whose blocks lie within rows: other specs, and
+    weights tied to them, stay on meta for the whole-tensor path. A bias must have been read in."""
+    keys: dict[int, str] = {}  # id(meta weight) -> key of its first owner
+    done: dict[int, tuple[str, QuantizedWeightModule]] = {}
+    left: set[int] = set()  # id(meta weight) left for the whole-tensor path
+    for fqn in fqns:
+        m = model.get_submodule(fqn)
+        wid = id(m.weight)
+        keys.setdefault(wid, f"{fqn}.weight")
+        usable = type(m) in FLOAT_TO_Q and m.weight.is_meta and select(fqn)
+        choice = plan(m) if usable else None
+        if choice is None:
+            continue
+        cls, spec = choice
+        owner = done.get(wid)
+        if wid in left or (owner is None and spec.block_size(tuple(m.weight.shape))[0] != 1):
+            left.add(wid)
+            continue
+        fill = partial(_fill, quantize=quantize, table=table, key=keys[wid], dtype=m.weight.dtype,
+                       name=f"{fqn}.weight")  # fmt: skip
+        q = swap_module(model, fqn, m, cls, spec, owner, fill, summary)
+        done.setdefault(wid, (fqn, q))

@@ -1,35 +1,31 @@
-"""The tensors of a Hugging Face folder for ``quantize_folder``: read whole, by rows or by row ids.
+"""The tensors of a Hugging Face folder, read whole, by rows or by row ids: where a streamed run's
+blocks and tables come from (``lowbit.export.streaming.quantize_folder`` and its block store). This
+module only reads; rounding is ``sequential`` / ``swap``'s, writing is ``lowbit.export``'s.
 
 Big tables (the input embedding, an untied LM head: 151936 x 896 float32 = 545 MB for Qwen2.5-0.5B)
 are never held whole as floats. While capturing, the embedding reads only the rows of the calibration
-token ids (``embedding_rows``); at the end, ``quantize_tables`` rounds each table ``CHUNK_ROWS`` rows
-at a time straight from the file into the quantized module's buffers. Each read opens the file for
-that call only: safetensors maps the whole file, and the pages a read touches count as resident until
-the mapping is closed.
+token ids (``embedding_rows``); at the end, ``swap.quantize_tables`` rounds each table ``CHUNK_ROWS``
+rows at a time, read by ``Source.rows``, straight into the quantized module's buffers. Each read opens
+the file for that call only: safetensors maps the whole file, and the pages a read touches count as
+resident until the mapping is closed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lowbit.core.codec import encode
 from lowbit.core.errors import CheckpointError
-from lowbit.export.checkpoint import WEIGHTS
-from lowbit.nn.modules import FLOAT_TO_Q, QuantizedWeightModule
 from lowbit.transforms import swap
-from lowbit.transforms.quantize import QuantSummary
-from lowbit.transforms.swap import Plan, Rounding
 
+WEIGHTS = "model.safetensors"  # Hugging Face's name for unsharded weights
+INDEX = "model.safetensors.index.json"  # ... and for the index of sharded ones
 HEAD = "lm_head"  # read last: an untied LM head can be as big as the embeddings
 
 
@@ -42,7 +38,7 @@ class Source:
     read opens the file it needs and copies the tensors out, so no mapping stays resident."""
 
     def __init__(self, folder: Path) -> None:
-        index = folder / "model.safetensors.index.json"
+        index = folder / INDEX
         try:
             if index.is_file():
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -50,7 +46,7 @@ class Source:
                 with safe_open(str(folder / WEIGHTS), "pt") as f:
                     weight_map = dict.fromkeys(f.keys(), WEIGHTS)
             else:
-                raise CheckpointError(f"{folder}: no {WEIGHTS} or model.safetensors.index.json")
+                raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX}")
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{folder}: unreadable safetensors weights ({e})") from None
         self.folder, self.weight_map = folder, weight_map
@@ -169,83 +165,3 @@ def embedding_rows(model: nn.Module, source: Source) -> Iterator[None]:
     finally:
         handle.remove()
         emb.weight, emb.padding_idx = weight, padding
-
-
-def _libc():
-    return ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-
-
-def trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing). Without
-    it, glibc's adaptive mmap threshold puts block-sized tensors on the heap, and RSS grows by tens of
-    MB per block (measured: Qwen2.5-0.5B, 1.0 -> 2.1 GB over 24 blocks; flat with the trim)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-MMAP_THRESHOLD = 1 << 20  # bytes; glibc's M_MMAP_THRESHOLD while streaming
-
-
-def map_big_allocations() -> None:
-    """Have glibc give every allocation of ``MMAP_THRESHOLD`` bytes or more its own mapping, unmapped
-    when freed (``mallopt(M_MMAP_THRESHOLD)``; elsewhere nothing). Process-wide, and it ends glibc's
-    adaptive threshold, under which a block's freed temporaries stay on the heap and the next phase's
-    land beside them (measured, Qwen2.5-0.5B GPTQ block 0: peak RSS 1.44 -> 1.10 GB with the
-    tokenizer freed too; same speed)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-
-
-def _fill(q: QuantizedWeightModule, quantize: Rounding, source: Source, key: str, dtype, name: str) -> None:
-    """``q.set_weight(by_rows(quantize, weight, ...))`` with the weight read ``CHUNK_ROWS`` rows at a
-    time from ``source[key]``: the same chunks, so the same codes and qparams, bitwise."""
-    source.check(key, (q.rows, q.cols))
-    step = swap.CHUNK_ROWS if q.rows > swap.CHUNK_ROWS else max(q.rows, 1)
-    scales, zps = [], []
-    for a in range(0, q.rows, step):
-        qt = quantize(source.rows(key, a, a + step).to(dtype), q.spec, name)
-        q.qweight[a : a + step] = encode(qt.codes, q.spec.fmt)
-        scales.append(qt.scale)
-        zps.append(qt.zero_point)
-        del qt
-        trim_heap()  # the chunk's temporaries (a few times 29 MB for Qwen2.5) would stay on the heap
-    q.scale = torch.cat(scales).contiguous()
-    q.zero_point = None if zps[0] is None else torch.cat(zps).contiguous()
-
-
-def quantize_tables(
-    model: nn.Module,
-    fqns: Sequence[str],
-    plan: Plan,
-    quantize: Rounding,
-    select: Callable[[str], bool],
-    summary: QuantSummary,
-    source: Source,
-) -> None:
-    """Swap the modules ``fqns`` (embedding, LM head; weights on meta) for quantized ones filled from
-    ``source`` a row chunk at a time, exactly as ``swap_weights(model, plan, select, summary, ...,
-    quantize)`` would from the float tables (ties shared). Only for specs whose blocks lie within rows:
-    other specs, and weights tied to them, stay on meta for the whole-tensor path. A bias must have
-    been read in."""
-    keys: dict[int, str] = {}  # id(meta weight) -> source key of its first owner
-    done: dict[int, tuple[str, QuantizedWeightModule]] = {}
-    left: set[int] = set()  # id(meta weight) left for the whole-tensor path
-    for fqn in fqns:
-        m = model.get_submodule(fqn)
-        wid = id(m.weight)
-        keys.setdefault(wid, f"{fqn}.weight")
-        usable = type(m) in FLOAT_TO_Q and m.weight.is_meta and select(fqn)
-        choice = plan(m) if usable else None
-        if choice is None:
-            continue
-        cls, spec = choice
-        owner = done.get(wid)
-        if wid in left or (owner is None and spec.block_size(tuple(m.weight.shape))[0] != 1):
-            left.add(wid)
-            continue
-        fill = partial(_fill, quantize=quantize, source=source, key=keys[wid], dtype=m.weight.dtype,
-                       name=f"{fqn}.weight")  # fmt: skip
-        q = swap.swap_module(model, fqn, m, cls, spec, owner, fill, summary)
-        done.setdefault(wid, (fqn, q))
