@@ -85,10 +85,7 @@ class InMemoryStore:
         pass
 
     def table(self, key: str, shape: tuple[int, int]) -> Rows:
-        raise LowbitError(
-            f"{key} is on the meta device: quantize_ needs the weights in memory (load the model without "
-            "offloading, or quantize its folder with quantize_folder)"
-        )
+        raise LowbitError(f"{key} is on the meta device: an in-memory model has no weights to read it from")
 
     def load_rest(self, model: nn.Module, path: str, rounded: list[nn.Module]) -> None:
         pass
