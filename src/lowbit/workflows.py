@@ -111,13 +111,16 @@ def quantize_and_save(
         config = replace(config, observer=observer)
     if calib is not None:
         _calib_source(calib)  # bad spec: error before loading anything
-        if not _uses_data(config):
+        if not config.needs_calib:
             warnings.warn(
                 f"--calib is ignored: {scheme} with method {method or 'rtn'} uses no data", stacklevel=2
             )
             calib = None
-    elif getattr(config, "needs_calib", False):
-        raise LowbitError(f"--method {method} needs calibration data, e.g. --calib wiki:128x512")
+    elif config.needs_calib:
+        raise LowbitError(
+            f"{scheme} with method {method or 'rtn'} needs calibration data, e.g. --calib wiki:128x512 "
+            "(language models) or photos:512"
+        )
     if streaming and not isinstance(config, (WeightOnly, SmoothQuant, Int8Dynamic)):
         raise LowbitError("--streaming supports weight-only schemes, w8a8 and --method smoothquant")
     out = check_target(out, overwrite)
@@ -147,10 +150,6 @@ def quantize_and_save(
         "quantize_seconds": round(seconds, 2),
         "bytes_on_disk": dir_bytes(out / "model.safetensors"),
     }
-
-
-def _uses_data(config) -> bool:
-    return isinstance(config, StaticW8A8) or bool(getattr(config, "needs_calib", False))
 
 
 def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress):

@@ -123,8 +123,17 @@ def test_export_needs_a_rebuildable_checkpoint(capsys, tmp_path):
         (["--scheme", "w4g128", "--method", "gptq", "--calib", "wiki:0x512"], "bad --calib"),
         (["--scheme", "w4g128", "--method", "smoothquant", "--calib", "wiki:4x64"], "does not apply"),
         (["--scheme", "w8a8-static", "--calib", "photos:4", "--streaming"], "--streaming supports"),
+        (["--scheme", "w8a8-static"], "w8a8-static with method rtn needs calibration data"),
     ],
-    ids=["gptq-no-calib", "unknown-method", "wiki-no-length", "wiki-zero", "sq-w4", "streaming-static"],
+    ids=[
+        "gptq-no-calib",
+        "unknown-method",
+        "wiki-no-length",
+        "wiki-zero",
+        "sq-w4",
+        "streaming-static",
+        "static-no-calib",
+    ],
 )
 def test_method_bad_input(capsys, tmp_path, extra, message):
     code, _, err = _run(capsys, "quantize", "--model", "x", *extra, "--out", str(tmp_path / "o"))

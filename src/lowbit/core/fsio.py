@@ -208,6 +208,22 @@ def _check_existing(target: Path, overwrite: bool, replaceable: Callable[[Path],
         )
 
 
+def check_target(
+    target: str | os.PathLike, overwrite: bool = False, replaceable: Callable[[Path], bool] | None = None
+) -> Path:
+    """``target`` as a Path once ``atomic_dir(target, overwrite, replaceable=...)`` may write it, else
+    ``LowbitError``: a blank name, the working folder or one above it, an existing non-folder, an existing
+    folder without ``overwrite``, or a non-empty one ``replaceable`` refuses. What an interrupted overwrite
+    left aside is put back first (``recover``), so the check sees the target as it really is."""
+    if not os.fspath(target).strip():
+        raise LowbitError("the output folder name is empty")
+    target = Path(target)
+    _check_name(target)
+    recover(target)
+    _check_existing(target, overwrite, replaceable)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_dir(
     target: str | os.PathLike,
@@ -218,10 +234,7 @@ def atomic_dir(
     """Yield a temp folder to fill; on success it becomes ``target`` in one atomic swap. On error nothing
     changes. With ``overwrite`` an existing folder is replaced if empty or if ``replaceable(target)``
     (anything when ``replaceable`` is None). See the module docstring for crashes and debris."""
-    target = Path(target)
-    _check_name(target)
-    recover(target)
-    _check_existing(target, overwrite, replaceable)
+    target = check_target(target, overwrite, replaceable)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))

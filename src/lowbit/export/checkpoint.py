@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.core import fsio
 from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.fsio import atomic_dir
 from lowbit.export.validate import check_meta, config_digest, tensor_digests
@@ -65,23 +66,16 @@ def is_checkpoint(folder: str | os.PathLike) -> bool:
 
 def check_target(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     """``out_dir`` as a Path if a checkpoint may be written there, else ``LowbitError``: an existing
-    folder is replaced only with ``overwrite`` and only when it is a lowbit checkpoint or empty."""
-    if not str(out_dir).strip():
-        raise LowbitError("the output folder name is empty")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    if out.is_dir() and not is_checkpoint(out) and any(out.iterdir()):
-        raise LowbitError(f"{out} exists and is not a lowbit checkpoint (nor empty); refusing to replace it")
-    if out.exists() and not out.is_dir():
-        raise LowbitError(f"{out} exists and is not a folder")
-    return out
+    folder is replaced only with ``overwrite`` and only when it is a lowbit checkpoint or empty (the
+    check ``save`` and ``atomic_dir`` make, for callers that want it before long work)."""
+    return fsio.check_target(out_dir, overwrite, replaceable=is_checkpoint)
 
 
-def write_quant_config(folder: Path, meta: dict) -> None:
-    """Write ``meta`` as ``folder/quant_config.json`` with the checksums of ``folder/model.safetensors``."""
+def write_quant_config(folder: Path, meta: dict, digests: dict[str, str] | None = None) -> None:
+    """Write ``meta`` as ``folder/quant_config.json`` with the checksums of ``folder/model.safetensors``:
+    ``digests`` (tensor -> sha256) when the writer hashed the bytes as it wrote them, else read back."""
     meta = meta | {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
-    meta["tensor_sha256"] = tensor_digests(folder / WEIGHTS)
+    meta["tensor_sha256"] = digests if digests is not None else tensor_digests(folder / WEIGHTS)
     meta["config_sha256"] = config_digest(meta)
     (folder / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))
 
@@ -89,7 +83,6 @@ def write_quant_config(folder: Path, meta: dict) -> None:
 def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized or not) to ``out_dir`` atomically; returns the folder. An existing
     ``out_dir`` is replaced only with ``overwrite`` and only if it is a lowbit checkpoint or empty."""
-    out_dir = check_target(out_dir, overwrite)
     modules = {fqn: m.config_entry() for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)}
     tensors, aliases = dedupe_state(model.state_dict())
     meta = {
@@ -110,7 +103,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwr
             (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-    return out_dir
+    return Path(out_dir)
 
 
 def read_quant_config(folder: str | os.PathLike) -> dict:
@@ -266,11 +259,12 @@ def check_loaded(model: nn.Module, path: Path) -> None:
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Load ``tensors`` into ``model`` by assignment, with errors that name the tensor and file."""
+    """Load ``tensors`` into ``model`` by assignment, with errors that name the tensor and file. Names
+    and shapes were checked against the header (``_check_against_header``); dtypes are checked here."""
     expected = model.state_dict(keep_vars=True)
     for name, t in tensors.items():
         want = expected[name]
-        if tuple(want.shape) != tuple(t.shape) or want.dtype != t.dtype:
+        if want.dtype != t.dtype:
             raise CheckpointError(
                 f"{path}: {name} has shape {tuple(t.shape)} {t.dtype}, the model expects "
                 f"{tuple(want.shape)} {want.dtype}"

@@ -17,6 +17,7 @@ The output is a normal lowbit checkpoint (``lowbit.load``), written atomically (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.fsio import atomic_dir, atomic_write_text
 from lowbit.core.heap import trim_heap
 from lowbit.export.checkpoint import FORMAT_NAME, WEIGHTS, dedupe_state, is_checkpoint, write_quant_config
+from lowbit.export.validate import safetensors_header
 from lowbit.nn.modules import QuantizedWeightModule
 from lowbit.transforms.block import BlockResult
 from lowbit.transforms.configs import QuantConfig
@@ -209,27 +211,21 @@ def _tie_float_head(model: nn.Module, source: Source) -> None:
         head.weight = emb.weight
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(header dict, byte offset of the data) of a safetensors file."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
-
-
 def merge_safetensors(
     parts: Sequence[Path | tuple[Path, Collection[str]]],
     out: Path,
     metadata: dict[str, str],
     chunk: int = 1 << 24,
-) -> None:
+) -> dict[str, str]:
     """Write the tensors of safetensors files ``parts`` (a path: all its tensors; ``(path, names)``:
-    those) into one file ``out``, copying bytes in ``chunk``-sized pieces (memory stays at one chunk).
-    Tensors are laid out by element size (largest first) then name, so each one starts aligned to its
-    element size, as safetensors itself does."""
+    those) into one file ``out``, copying bytes in ``chunk``-sized pieces (memory stays at one chunk);
+    returns the sha256 of each tensor's bytes, hashed as they are copied. Tensors are laid out by element
+    size (largest first) then name, so each one starts aligned to its element size, as safetensors
+    itself does."""
     where: dict[str, tuple[int, int, dict]] = {}
     parts = [(p, None) if isinstance(p, Path) else p for p in parts]
     for k, (p, only) in enumerate(parts):
-        header, base = _read_header(p)
+        header, base = safetensors_header(p)
         header.pop("__metadata__", None)
         for name, info in header.items():
             if only is not None and name not in only:
@@ -246,7 +242,7 @@ def merge_safetensors(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    handles = [open(p, "rb") for p, _ in parts]  # closed below
+    handles, digests = [open(p, "rb") for p, _ in parts], {}  # closed below
     try:
         with open(out, "wb") as f:
             f.write(len(blob).to_bytes(8, "little") + blob)
@@ -254,11 +250,16 @@ def merge_safetensors(
                 k, base, info = where[n]
                 start, end = info["data_offsets"]
                 handles[k].seek(base + start)
+                h = hashlib.sha256()
                 for pos in range(start, end, chunk):
-                    f.write(handles[k].read(min(chunk, end - pos)))
+                    data = handles[k].read(min(chunk, end - pos))
+                    h.update(data)
+                    f.write(data)
+                digests[n] = h.hexdigest()
     finally:
         for h in handles:
             h.close()
+    return digests
 
 
 def write_checkpoint(
@@ -303,8 +304,8 @@ def write_checkpoint(
     hf_config = model.config.to_dict()
     hf_config.pop("quantization_config", None)
     with atomic_dir(out, overwrite, replaceable=is_checkpoint) as tmp:
-        merge_safetensors(parts, tmp / WEIGHTS, {"format": FORMAT_NAME})
-        write_quant_config(tmp, meta)
+        digests = merge_safetensors(parts, tmp / WEIGHTS, {"format": FORMAT_NAME})
+        write_quant_config(tmp, meta, digests)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
         for name in TOKENIZER_FILES:
             if (src / name).is_file():

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import mmap
-import struct
 from pathlib import Path
 
 from lowbit.core.errors import CheckpointError, FormatVersionError, LowbitError
@@ -91,23 +90,20 @@ def _conv(v: object) -> None:
             raise LowbitError(f"{k} must be an int >= {CONV_FIELDS[k]} or a pair of them, got {v[k]!r}")
 
 
+_PREDICATES = {
+    "dim": lambda v: _int_in(v, 0, MAX_DIM),
+    "bool": lambda v: isinstance(v, bool),
+    "dtype": lambda v: isinstance(v, str) and v in FLOAT_DTYPES,
+    "optional_index": lambda v: v is None or _int_in(v, -MAX_DIM, MAX_DIM),
+}
+_CHECKS = {"spec": _spec, "conv": _conv}  # raise LowbitError with their own message
+
+
 def check_field(kind: str, v: object) -> None:
     """Raise ``LowbitError`` unless ``v`` is a valid value of ``kind`` (table in the module docstring)."""
-    if kind == "dim":
-        ok = _int_in(v, 0, MAX_DIM)
-    elif kind == "bool":
-        ok = isinstance(v, bool)
-    elif kind == "dtype":
-        ok = isinstance(v, str) and v in FLOAT_DTYPES
-    elif kind == "optional_index":
-        ok = v is None or _int_in(v, -MAX_DIM, MAX_DIM)
-    elif kind == "spec":
-        ok = _spec(v) is not None
-    elif kind == "conv":
-        ok = _conv(v) is None
-    else:
-        raise AssertionError(f"unknown entry field kind {kind!r}")
-    if not ok:
+    if kind in _CHECKS:
+        _CHECKS[kind](v)
+    elif not _PREDICATES[kind](v):
         raise LowbitError(f"expected {kind}, got {json.dumps(v)[:60]}")
 
 
@@ -215,20 +211,25 @@ def config_digest(meta: dict) -> str:
     return hashlib.sha256(canonical_json(meta)).hexdigest()
 
 
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """(parsed JSON header, byte offset where the tensor data starts) of safetensors file ``path``."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
 def tensor_digests(path: Path) -> dict[str, str]:
     """sha256 of each tensor's bytes in safetensors file ``path`` (read in place through mmap).
 
     ``path`` must have passed a safetensors parse (``safe_open``); offsets outside the file raise
     ``CheckpointError``."""
+    header, base = safetensors_header(path)
+    header.pop("__metadata__", None)
+    out = {}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        (n,) = struct.unpack("<Q", mm[:8])
-        header = json.loads(mm[8 : 8 + n])
-        base, out = 8 + n, {}
         view = memoryview(mm)
         try:
             for name, info in header.items():
-                if name == "__metadata__":
-                    continue
                 start, end = info["data_offsets"]
                 if not 0 <= start <= end <= len(mm) - base:
                     raise CheckpointError(f"{path}: tensor {name} lies outside the file")

@@ -30,12 +30,11 @@ from torch import nn
 
 from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.models.cache import build_entry, cache_problem, cache_root, gguf_key, source_stamp
-from lowbit.models.checks import check_gguf, check_hf_folder
+from lowbit.models.checks import QUANT_CONFIG, check_gguf, check_hf_folder
 from lowbit.models.parts import join_parts
 from lowbit.models.registry import BUNDLED, bundled_gguf, bundled_parts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-LOWBIT_CHECKPOINT_MARK = "quant_config.json"
 # Every transformers ``from_pretrained`` here: nothing fetched from the hub, no code from the folder run.
 LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
 # A float model from a folder: safetensors only (a pytorch_model.bin is never unpickled); weights that
@@ -247,7 +246,7 @@ def cached_folder(
         return _gguf_entry(bundled_gguf(name), entry, progress)
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / LOWBIT_CHECKPOINT_MARK).is_file():
+        if (path / QUANT_CONFIG).is_file():
             raise LowbitError(f"{path} is a lowbit checkpoint; load it with lowbit.load({str(path)!r})")
         check_hf_folder(path)
         return path

@@ -108,18 +108,19 @@ class QuantizedWeightModule(QuantizedModule):
         self.qweight, self.scale, self.zero_point = other.qweight, other.scale, other.zero_point
 
     def state_problem(self) -> str | None:
-        fmt = self.spec.fmt
         problem = scale_problem("scale", self.scale)
-        zp = self.zero_point
-        if problem is None and zp is not None and zp.numel():
+        if problem:
+            return problem
+        fmt, zp = self.spec.fmt, self.zero_point
+        if zp is not None and zp.numel():
             lo, hi = int(zp.min()), int(zp.max())
             if lo < fmt.qmin or hi > fmt.qmax:
                 bad = lo if lo < fmt.qmin else hi
                 return f"zero point {bad} outside {fmt.name}'s [{fmt.qmin}, {fmt.qmax}]"
         bias = getattr(self, "bias", None)
-        if problem is None and bias is not None and not bool(torch.isfinite(bias).all()):
+        if bias is not None and not bool(torch.isfinite(bias).all()):
             return "bias holds NaN or Inf"
-        return problem
+        return None
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``(rows, cols)`` these buffers stand for."""

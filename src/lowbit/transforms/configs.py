@@ -29,6 +29,11 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return {"type": type(self).__name__, **asdict(self)}
 
+    @property
+    def needs_calib(self) -> bool:
+        """Whether quantizing with this config takes calibration batches (``quantize_(..., calib=)``)."""
+        return False
+
     @classmethod
     def upgrade(cls, d: dict) -> dict:
         """Fields (no "type") of an older version's dict, with what that version ran for fields it lacks."""
@@ -278,3 +283,7 @@ class StaticW8A8(QuantConfig):
     @classmethod
     def upgrade(cls, d: dict) -> dict:
         return {"stretch_relu6": False, **d} if int(d.get("version", 1)) < 3 else d
+
+    @property
+    def needs_calib(self) -> bool:
+        return True
