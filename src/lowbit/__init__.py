@@ -44,6 +44,7 @@ from lowbit.transforms import (
     parse_scheme,
     quantize_,
 )
+from lowbit.transforms.comm import TorchComm
 
 __version__ = "0.1.0"
 
@@ -66,6 +67,7 @@ __all__ = [
     "QStaticLinear",
     "QuantSpec",
     "QuantSummary",
+    "TorchComm",
     "SmoothQuant",
     "StaticW8A8",
     "WeightOnly",

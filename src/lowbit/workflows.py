@@ -99,11 +99,44 @@ def quantize_and_save(
     streaming: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    distributed: bool = False,
 ) -> dict:
     """Quantize model ``ref`` with ``scheme`` (e.g. ``w4g128``, or ``w8a8-static`` with ``calib`` such
     as ``photos:512`` and an ``observer``) by ``method`` (``gptq`` with ``calib`` ``wiki:128x512``...)
     and save it to ``out``; returns stats. ``streaming``: read, quantize and stage one decoder block at
-    a time from the model's safetensors folder (``lowbit.export.streaming``; resumable)."""
+    a time from the model's safetensors folder (``lowbit.export.streaming``; resumable).
+    ``distributed``: this process is one rank of a ``torchrun`` launch (``_quantize_distributed``)."""
+    if distributed:
+        args = {"ref": str(ref), "scheme": scheme, "out": str(out), "method": method, "calib": calib}
+        args |= {"include": list(include), "exclude": list(exclude), "observer": observer}
+        args |= {"streaming": streaming, "overwrite": overwrite}
+        return _quantize_distributed(args, progress)
+    return _quantize_and_save(ref, scheme, out, method, include, exclude, calib, observer, streaming,
+                              overwrite, progress)  # fmt: skip
+
+
+def _quantize_distributed(args: dict, progress: bool) -> dict:
+    """``quantize_and_save`` as one rank of a torchrun launch: the ranks check they got the same
+    arguments, share the calibration forwards and the rounding of each block, and rank 0 writes
+    (``lowbit.transforms.comm``). Returns rank 0's result (other ranks: theirs, with ``rank``)."""
+    import torch.distributed as dist
+
+    from lowbit.transforms.comm import torchrun_comm
+
+    comm = torchrun_comm()
+    try:
+        comm.agree({"lowbit quantize": args})
+        ref, scheme, out = args.pop("ref"), args.pop("scheme"), args.pop("out")
+        result = _quantize_and_save(ref, scheme, out, **args, progress=progress, comm=comm)
+        comm.barrier()
+    finally:
+        dist.destroy_process_group()
+    return result | {"ranks": comm.world, "rank": comm.rank, "collective_bytes": comm.volume()}
+
+
+def _quantize_and_save(
+    ref, scheme, out, method, include, exclude, calib, observer, streaming, overwrite, progress, comm=None
+) -> dict:
     config = parse_scheme(scheme, method)
     if observer is not None:
         if not isinstance(config, StaticW8A8):
@@ -124,15 +157,23 @@ def quantize_and_save(
     if streaming and not isinstance(config, (WeightOnly, SmoothQuant, Int8Dynamic)):
         raise LowbitError("--streaming supports weight-only schemes, w8a8 and --method smoothquant")
     out = check_target(out, overwrite)
+    rank = comm.rank if comm is not None else 0
     if streaming:  # quantize_seconds: the whole streaming run (reading, quantizing, writing)
-        summary, seconds = _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress)
+        summary, seconds = _quantize_streaming(
+            ref, config, out, calib, include, exclude, overwrite, progress and rank == 0, comm
+        )
     else:
-        model, tok = load_any(ref, progress)
+        model, tok = load_any(ref, progress and rank == 0)
         batches = calibration_batches(calib, tok) if calib else None
         t0 = time.perf_counter()
-        summary = quantize_(model, config, batches, include=include, exclude=exclude, progress=progress)
+        summary = quantize_(
+            model, config, batches, include=include, exclude=exclude, progress=progress, comm=comm
+        )
         seconds = time.perf_counter() - t0
-        save(model, out, tokenizer=tok, overwrite=overwrite)
+        if rank == 0:
+            save(model, out, tokenizer=tok, overwrite=overwrite)
+        if comm is not None:
+            comm.barrier()
     from lowbit.eval.size import dir_bytes
 
     return {
@@ -152,7 +193,7 @@ def quantize_and_save(
     }
 
 
-def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress):
+def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress, comm=None):
     """(summary, seconds) of ``quantize_folder`` on the fp32 Hugging Face folder of ``ref``."""
     from lowbit import models
     from lowbit.export.streaming import quantize_folder
@@ -168,9 +209,8 @@ def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, pr
     batches = calibration_batches(calib, tok) if calib else None
     del tok  # 0.13 GB for Qwen2.5's vocabulary, not needed while quantizing
     t0 = time.perf_counter()
-    summary = quantize_folder(
-        folder, config, out, batches, include=include, exclude=exclude, overwrite=overwrite, progress=progress
-    )
+    opts = {"include": include, "exclude": exclude, "overwrite": overwrite, "progress": progress}
+    summary = quantize_folder(folder, config, out, batches, **opts, **({"comm": comm} if comm else {}))
     return summary, time.perf_counter() - t0
 
 

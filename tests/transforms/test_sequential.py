@@ -339,11 +339,11 @@ def test_stacked_gptq_gives_each_linear_its_own_result():
 
     block, cap, targets, groups, plan = _block0_stats(_calib(n=4, length=16))
     stats = blk.gather(block, groups, plan, cap.hidden, cap.kwargs[0])
-    mods, result = dict(targets), blk.BlockResult()
+    mods = dict(targets)
     for lead, names in groups.items():
         if len(names) < 2:
             continue
-        stacked = blk._round_group(names, mods, stats[lead], plan, "model.layers.0", result)
+        stacked = blk._round_group(names, mods, stats[lead], plan, "model.layers.0")
         assert list(stacked) == names
         for name, qt in stacked.items():
             alone = blk._round(mods[name].weight.detach(), stats[lead], plan, name)

@@ -73,6 +73,18 @@ class HessianAccumulator:
             self._sum[a:b, a:].addmm_(rows[:, a:b].t(), rows[:, a:])
         self.n += rows.shape[0]
 
+    @property
+    def total(self) -> Tensor:
+        """The running sum ``(in, in)`` (upper triangle valid) in the accumulation dtype."""
+        return self._sum
+
+    @classmethod
+    def from_total(cls, total: Tensor, n: int) -> HessianAccumulator:
+        """An accumulator holding ``total`` (e.g. several processes' partial sums, added) over ``n`` rows."""
+        acc = cls(total.shape[0], device=total.device, dtype=total.dtype)
+        acc._sum, acc.n = total, n
+        return acc
+
     def hessian(self) -> Tensor:
         """``(in, in)`` float32 ``2/n * sum x x^T``; raises ``LowbitError`` before any row."""
         if self.n == 0:

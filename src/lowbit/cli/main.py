@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         "the fp32 safetensors (bundled name, .gguf via its cache, or HF folder); rerun the same command "
         "after an interruption to resume from the last finished block",
     )
+    q.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run as one rank of a torchrun launch (torchrun --nproc-per-node N $(which lowbit) quantize "
+        "... --distributed): the ranks share the calibration forwards and the rounding, rank 0 writes",
+    )
     q.add_argument("--observer", help="w8a8-static: minmax, moving_average, percentile, kl or mse")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -99,6 +105,7 @@ def _run(args: argparse.Namespace) -> dict:
             streaming=args.streaming,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            distributed=args.distributed,
         )
     if args.command == "export":
         return workflows.export(args.model, args.format, args.out, overwrite=args.overwrite)
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
+    if result.get("rank", 0) > 0:
+        return 0  # one answer per run: rank 0's
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1))
     elif "markdown" in result:

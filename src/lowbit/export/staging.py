@@ -40,6 +40,7 @@ from lowbit.export.checkpoint import FORMAT_NAME, WEIGHTS, dedupe_state, is_chec
 from lowbit.export.validate import safetensors_header
 from lowbit.nn.modules import QuantizedWeightModule
 from lowbit.transforms.block import BlockResult
+from lowbit.transforms.comm import SOLO, Comm
 from lowbit.transforms.configs import QuantConfig
 from lowbit.transforms.source import HEAD, Source, embedding_fqn, embedding_rows, in_head, materialise
 from lowbit.transforms.swap import Rows
@@ -73,17 +74,35 @@ class StagedStore:
     tensors outside the blocks, it hands the tables over a row chunk at a time (``table``) and keeps
     float tables the source holds as float32 on meta: ``write_checkpoint`` copies their bytes."""
 
+    rest_everywhere = False  # only rank 0 rounds the layers outside the blocks, and writes
+
     def __init__(
-        self, out: Path, fingerprint: dict, resume: bool, progress: bool, activations: bool, source: Source
+        self,
+        out: Path,
+        fingerprint: dict,
+        resume: bool,
+        progress: bool,
+        activations: bool,
+        source: Source,
+        comm: Comm = SOLO,
     ) -> None:
-        """``fingerprint`` must hold ``n_blocks``; ``activations``: block inputs are staged too."""
+        """``fingerprint`` must hold ``n_blocks``; ``activations``: block inputs are staged too.
+        ``comm``: the ranks of a distributed run (one folder, e.g. on one machine or a shared file
+        system): rank 0 stages the blocks and the state, each rank its share of the block inputs."""
         self.dir = out.parent / f".{out.name}{STAGE_SUFFIX}"
         self.fingerprint, self.done, self.activations = fingerprint, 0, activations
-        self.source = source
+        self.source, self.comm = source, comm
+        if comm.rank == 0:
+            self._open(resume, progress)
+        comm.barrier()
+        self.done = comm.first(self.done)
+
+    def _open(self, resume: bool, progress: bool) -> None:
+        """Check the staging folder (resume it, or clear it) and write its state."""
         problem = self._usable() if self.dir.exists() else None
         if self.dir.exists() and (problem or not resume):
             if resume:
-                warnings.warn(f"{self.dir}: {problem}; starting over", stacklevel=3)
+                warnings.warn(f"{self.dir}: {problem}; starting over", stacklevel=4)
             shutil.rmtree(self.dir)
         if self.done and progress:
             print(f"lowbit: resuming after block {self.done - 1} (staged in {self.dir})", file=sys.stderr)
@@ -106,7 +125,7 @@ class StagedStore:
         if (
             self.activations
             and 0 < done < self.fingerprint["n_blocks"]
-            and not self.hidden_file(done).is_file()
+            and not all(self.hidden_file(done, r).is_file() for r in range(self.comm.world))
         ):
             return f"the staged inputs of block {done} are missing"
         self.done = done
@@ -115,8 +134,11 @@ class StagedStore:
     def block_file(self, i: int) -> Path:
         return self.dir / f"block-{i:05d}.safetensors"
 
-    def hidden_file(self, i: int) -> Path:
-        return self.dir / f"hidden-{i:05d}.safetensors"
+    def hidden_file(self, i: int, rank: int | None = None) -> Path:
+        """Staged inputs of block ``i``: of rank ``rank``'s share (default this rank's) if distributed."""
+        if self.comm.world == 1:
+            return self.dir / f"hidden-{i:05d}.safetensors"
+        return self.dir / f"hidden-{i:05d}.rank{self.comm.rank if rank is None else rank}.safetensors"
 
     def _write_state(self) -> None:
         state = {"version": STAGE_VERSION, "fingerprint": self.fingerprint, "done": self.done}
@@ -152,11 +174,15 @@ class StagedStore:
             "aliases": json.dumps(aliases),
             "result": json.dumps(asdict(result)),
         }
-        _save_atomic(tensors, self.block_file(i), meta)
+        if self.comm.rank == 0:
+            _save_atomic(tensors, self.block_file(i), meta)
         if hidden is not None:
             _save_atomic({str(j): h for j, h in enumerate(hidden)}, self.hidden_file(i + 1))
+        self.comm.barrier()  # every rank's inputs of block i + 1 are in
         self.done = i + 1
-        self._write_state()
+        if self.comm.rank == 0:
+            self._write_state()
+        self.comm.barrier()  # block i + 1 is where a rerun starts: block i's inputs can go
         self.hidden_file(i).unlink(missing_ok=True)
 
     def hidden(self, i: int) -> list[torch.Tensor]:

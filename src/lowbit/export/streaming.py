@@ -24,7 +24,6 @@ first unfinished block, bitwise identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -37,6 +36,7 @@ from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.heap import map_big_allocations, trim_heap
 from lowbit.export.checkpoint import check_target
 from lowbit.export.staging import STAGE_SUFFIX, StagedStore, write_checkpoint
+from lowbit.transforms.comm import SOLO, Comm, digest_batches
 from lowbit.transforms.configs import QuantConfig
 from lowbit.transforms.mappings import architecture, blocks_path
 from lowbit.transforms.quantize import Selector
@@ -76,28 +76,6 @@ def _skeleton(folder: Path, source: Source) -> tuple[nn.Module, str]:
     return model, path
 
 
-def _digest(batches: Sequence) -> str:
-    """sha256 over the calibration batches' tensors (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-
-    def add(key: str, v) -> None:
-        if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(v, dict):
-            for k in sorted(v):
-                add(f"{key}.{k}", v[k])
-        elif isinstance(v, (list, tuple)):
-            for i, x in enumerate(v):
-                add(f"{key}.{i}", x)
-        else:
-            h.update(f"{key}={v!r}".encode())
-
-    add("calib", list(batches))
-    return h.hexdigest()
-
-
 def quantize_folder(
     src: str | os.PathLike,
     config: QuantConfig,
@@ -109,6 +87,7 @@ def quantize_folder(
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    comm: Comm = SOLO,
 ) -> PipelineSummary:
     """Quantize the Hugging Face model in folder ``src`` (config.json + safetensors) with ``config``
     (``WeightOnly`` with any method, ``SmoothQuant``, ``Int8Dynamic``) into lowbit checkpoint ``out``,
@@ -119,6 +98,9 @@ def quantize_folder(
     need data. ``include``/``exclude``: module-name patterns (``Selector``). ``resume``: continue staged
     work of an interrupted run with the same inputs (False: start over). ``overwrite``: replace an
     existing ``out``. Tokenizer files are copied from ``src``. Returns what was quantized.
+    ``comm``: the ranks of a distributed run (``lowbit.transforms.comm.TorchComm``), each making the
+    same call: they are checked to agree, share the calibration forwards and the rounding of each
+    block, and rank 0 writes; staging resumes with the same number of ranks.
     """
     src, out = Path(src), check_target(out, overwrite)
     if not (src / "config.json").is_file():
@@ -132,18 +114,25 @@ def quantize_folder(
     select = Selector(include, exclude)
     summary = pipeline_summary(config, plan, model)
     fingerprint = {"config": config.to_dict(), "include": list(include), "exclude": list(exclude)}
-    fingerprint |= {"source": source.stamp(), "calib": _digest(batches) if plan.needs_data else None}
+    fingerprint |= {"source": source.stamp(), "calib": digest_batches(batches) if plan.needs_data else None}
     fingerprint |= {"n_blocks": len(model.get_submodule(path)), "torch": torch.__version__}
     fingerprint |= {"compute_dtype": summary.compute_dtype}  # "auto" resolves per machine
+    fingerprint |= {"ranks": comm.world} if comm.world > 1 else {}
+    comm.agree({**fingerprint, "out": str(out), "resume": resume, "overwrite": overwrite})
     stage_dir = out.parent / f".{out.name}{STAGE_SUFFIX}"
     try:
-        stage = StagedStore(out, fingerprint, resume, progress, plan.needs_data, source)
-        run_pipeline(model, path, config, select, batches, stage, summary, progress)
-        write_checkpoint(model, path, stage, out, overwrite, config)
+        stage = StagedStore(
+            out, fingerprint, resume, progress and comm.rank == 0, plan.needs_data, source, comm
+        )
+        run_pipeline(model, path, config, select, batches, stage, summary, progress, comm)
+        if comm.rank == 0:
+            write_checkpoint(model, path, stage, out, overwrite, config)
+        comm.barrier()
     except OSError as e:
         raise LowbitError(
             f"cannot write {out} or its staging {stage_dir}: {e.strerror or e}; any previous {out} is "
             "unchanged and finished blocks stay staged: fix the cause and run again to resume"
         ) from e
-    shutil.rmtree(stage.dir, ignore_errors=True)
+    if comm.rank == 0:
+        shutil.rmtree(stage.dir, ignore_errors=True)
     return summary

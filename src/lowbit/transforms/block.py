@@ -23,6 +23,7 @@ from torch import nn
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.modules import QLinear
+from lowbit.transforms.comm import SOLO, Comm
 from lowbit.transforms.mappings import Architecture, fold_scales, resolve
 from lowbit.transforms.swap import rounding
 
@@ -104,9 +105,13 @@ def _compute(block: nn.Module, name: str) -> Iterator[None]:
 
 
 class _InputStats:
-    """Statistics of one Linear input ``x (..., in)`` seen during a float forward."""
+    """Statistics of one Linear input ``x (..., in)`` seen during a float forward.
 
-    def __init__(self, plan: BlockPlan, keep: float, seed: int) -> None:
+    AWQ's row sample: each row is kept with probability ``keep`` by a draw from a generator seeded per
+    group, rows taken in calibration order; ``skip``: rows of the calibration forwards run by earlier
+    ranks, whose draws come first (so ranks together keep the rows one process would)."""
+
+    def __init__(self, plan: BlockPlan, keep: float, seed: int, skip: int = 0) -> None:
         self.n = 0
         self.want_hessian = plan.rounding == "gptq"
         self.acc = None  # HessianAccumulator, on the device of the first input
@@ -114,6 +119,8 @@ class _InputStats:
         self.rows: list[torch.Tensor] | None = [] if "awq" in (plan.scales, plan.rounding) else None
         self.want_absmax = plan.scales == "smooth"
         self.keep, self.gen = keep, torch.Generator().manual_seed(seed)
+        if self.rows is not None and skip:
+            torch.rand(skip, generator=self.gen)
         self.hessian: torch.Tensor | None = None
         self.x: torch.Tensor | None = None
 
@@ -133,13 +140,31 @@ class _InputStats:
             pick = torch.rand(rows.shape[0], generator=self.gen) < self.keep
             self.rows.append(rows[pick.to(rows.device)].clone())
 
-    def finish(self) -> None:
-        if self.acc is not None and self.n:
+    def finish(self, width: int, comm: Comm = SOLO, owner: int = 0, n: int | None = None) -> None:
+        """Combine the ranks' statistics (``n``: the rows all ranks saw): the Hessian on rank ``owner``
+        only (summed in rank order), maxima and sampled rows (in rank order) on every rank."""
+        if comm.world > 1:
+            self._combine(width, comm, owner, n)
+        elif self.acc is not None and self.n:
             self.hessian = self.acc.hessian()
         self.acc = None
         if self.rows is not None:
-            self.x = torch.cat(self.rows) if self.rows else torch.zeros(0, 1)
+            self.x = torch.cat(self.rows) if self.rows else torch.zeros(0, width)
             self.rows = None
+
+    def _combine(self, width: int, comm: Comm, owner: int, n: int) -> None:
+        if self.want_hessian:
+            from lowbit.algorithms.gptq import HessianAccumulator
+
+            part = self.acc.total if self.acc is not None else torch.zeros(width, width)
+            total = comm.sum_to(part, owner)
+            if total is not None and n:
+                self.hessian = HessianAccumulator.from_total(total, n).hessian()
+        if self.want_absmax:
+            self.absmax = comm.max_all(self.absmax if self.absmax is not None else torch.zeros(width))
+        if self.rows is not None:
+            self.rows = [comm.cat_all(torch.cat(self.rows) if self.rows else torch.zeros(0, width))]
+        self.n = n
 
     def rescale(self, s: torch.Tensor) -> None:
         """The input became ``x / s`` (scales folded into its producer)."""
@@ -183,16 +208,25 @@ class _Seen(Exception):
 
 @torch.no_grad()
 def gather(
-    block: nn.Module, groups: dict[str, list[str]], plan: BlockPlan, hidden: list, kwargs: list[dict]
+    block: nn.Module,
+    groups: dict[str, list[str]],
+    plan: BlockPlan,
+    hidden: list,
+    kwargs: list[dict],
+    comm: Comm = SOLO,
+    owner: dict[str, int] | None = None,
 ) -> dict[str, _InputStats]:
     """Statistics per input group (keyed by its first Linear) from a forward of ``block``, in the order
-    the first batch reached the groups (groups it never reached last).
+    the first batch reached the groups (groups it never reached last; rank 0's first batch).
 
     Pre-hooks on the leads record their inputs. If the first batch calls every lead exactly once, later
-    forwards stop at the last of them (its own product and what follows are never computed)."""
-    tokens = sum(h.numel() // h.shape[-1] for h in hidden)
-    keep = min(1.0, SAMPLE_ROWS / max(tokens, 1))
-    stats = {lead: _InputStats(plan, keep, seed=i) for i, lead in enumerate(groups)}
+    forwards stop at the last of them (its own product and what follows are never computed).
+    With several ranks (``comm``), ``hidden`` is this rank's share of the calibration forwards and the
+    statistics are combined (``_InputStats.finish``; a Hessian on ``owner[lead]`` only)."""
+    rows = comm.counts(sum(h.numel() // h.shape[-1] for h in hidden))
+    keep = min(1.0, SAMPLE_ROWS / max(sum(rows), 1))
+    skip = sum(rows[: comm.rank])
+    stats = {lead: _InputStats(plan, keep, seed=i, skip=skip) for i, lead in enumerate(groups)}
     order: list[str] = []
     first: list[str] = []  # the first batch's order
     last: list[str] = []  # the lead to stop at, once known
@@ -222,8 +256,10 @@ def gather(
     finally:
         for handle in handles:
             handle.remove()
-    for st in stats.values():
-        st.finish()
+    seen = comm.sum_ints([st.n for st in stats.values()])
+    for (lead, st), n in zip(stats.items(), seen, strict=False):
+        st.finish(block.get_submodule(lead).in_features, comm, (owner or {}).get(lead, 0), n)
+    first = comm.first(first)
     return {lead: stats[lead] for lead in [*dict.fromkeys(first), *stats]}
 
 
@@ -264,21 +300,15 @@ def _round(w: torch.Tensor, st: _InputStats | None, plan: BlockPlan, name: str) 
 
 
 def _round_group(
-    names: list[str],
-    mods: dict[str, nn.Linear],
-    st: _InputStats | None,
-    plan: BlockPlan,
-    prefix: str,
-    result: BlockResult,
+    names: list[str], mods: dict[str, nn.Linear], st: _InputStats | None, plan: BlockPlan, prefix: str
 ) -> dict[str, QuantizedTensor]:
     """Round the Linears ``names`` that share input statistics ``st``: name -> its quantized weight.
 
     GPTQ on 2+ Linears (q/k/v, gate/up) runs once on their weights stacked along the output dim: rows
     are independent given the shared Hessian, so each Linear gets its own result, with one
     factorisation and one column sweep instead of one per Linear. A group that saw no calibration
-    token is rounded without data (HQQ) and recorded in ``result.uncalibrated``."""
+    token is rounded without data (HQQ; ``_uncalibrated``)."""
     if plan.needs_data and not st.usable:
-        result.uncalibrated |= {f"{prefix}.{n}": "hqq" for n in names}
         return {n: rounding("hqq")(mods[n].weight.detach(), plan.spec, f"{prefix}.{n}.weight") for n in names}
     if plan.rounding != "gptq" or len(names) < 2:
         return {n: _round(mods[n].weight.detach(), st, plan, f"{prefix}.{n}.weight") for n in names}
@@ -291,6 +321,21 @@ def _round_group(
         out[n] = QuantizedTensor(qt.codes[rows].clone(), qt.scale[rows].clone(), zp, qt.spec)
         start = rows.stop
     return out
+
+
+def _shared(
+    qts: dict[str, QuantizedTensor] | None, names: list[str], spec: QuantSpec, src: int, comm: Comm
+) -> dict[str, QuantizedTensor]:
+    """The quantized weights ``qts`` of one group, rounded on rank ``src``, on every rank."""
+    if comm.world == 1:
+        return qts
+    flat = (
+        [t for n in names for t in (qts[n].codes, qts[n].scale, qts[n].zero_point)]
+        if qts
+        else [None] * (3 * len(names))
+    )
+    flat = comm.broadcast(flat, src)
+    return {n: QuantizedTensor(*flat[3 * k : 3 * k + 3], spec) for k, n in enumerate(names)}
 
 
 def _input_groups(block: nn.Module, arch: Architecture, targets: list) -> dict[str, list[str]]:
@@ -327,6 +372,7 @@ def quantize_block(
     hidden: list[torch.Tensor] | None = None,
     kwargs: list[dict] | None = None,
     propagate: bool = True,
+    comm: Comm = SOLO,
 ) -> BlockResult:
     """Quantize the selected Linears of ``block`` (fqn prefix ``prefix``) in place, as ``plan`` says.
 
@@ -335,29 +381,50 @@ def quantize_block(
     gets its statistics again from a forward through the block as quantized so far (``_stand_in``).
     The quantized modules replace the Linears once the block is done.
     With ``propagate``, ``hidden`` is overwritten with the quantized block's outputs (next inputs).
+    ``comm``: the ranks of a distributed run (``lowbit.transforms.comm``): ``hidden`` is this rank's
+    share, statistics are combined, and each input group is rounded on one rank (``Comm.owners``, by
+    weight size) and broadcast; every rank ends with the same block.
     """
     result = BlockResult()
     targets = _linears(block, prefix, select)
     mods, groups = dict(targets), _input_groups(block, arch, targets)
+    costs = [sum(mods[n].weight.numel() for n in names) for names in groups.values()]
+    owner = dict(zip(groups, comm.owners(costs), strict=False))
     stats: dict[str, _InputStats] = {}
     if plan.needs_data:
         with _compute(block, plan.compute):
-            stats = gather(block, groups, plan, hidden, kwargs)
+            stats = gather(block, groups, plan, hidden, kwargs, comm, owner)
         if plan.scales:
             lead_of = {n: lead for lead, names in groups.items() for n in names}
             _fold_maps(block, prefix, arch, plan, stats, lead_of, result)
+        for lead, st in stats.items():
+            if not st.usable:
+                result.uncalibrated |= {f"{prefix}.{n}": "hqq" for n in groups[lead]}
+    order = list(stats or groups)  # ``gather`` orders its stats by first call
     swaps: dict[str, QLinear] = {}
-    for k, lead in enumerate(list(stats or groups)):  # ``gather`` orders its stats by first call
-        if k and plan.needs_data and plan.true_sequential:
-            with _compute(block, plan.compute):
-                stats[lead] = gather(block, {lead: groups[lead]}, plan, hidden, kwargs)[lead]
-        st = stats.pop(lead, None)  # freed once its group is rounded (a Hessian may be 100 MB)
-        for name, qt in _round_group(groups[lead], mods, st, plan, prefix, result).items():
+
+    def swap(lead: str, qts: dict[str, QuantizedTensor]) -> None:
+        for name, qt in _shared(qts, groups[lead], plan.spec, owner[lead], comm).items():
             m = swaps[name] = plan.qcls.from_float(mods[name], plan.spec)
             m.set_weight(qt)
             if mods[name].bias is not None:
                 m.bias = mods[name].bias.detach().clone()
             _stand_in(block, name, mods[name], m)
+
+    def round_own(lead: str) -> dict[str, QuantizedTensor] | None:
+        st = stats.pop(lead, None)  # freed once its group is rounded (a Hessian may be 100 MB)
+        return _round_group(groups[lead], mods, st, plan, prefix) if owner[lead] == comm.rank else None
+
+    if plan.needs_data and plan.true_sequential:
+        for k, lead in enumerate(order):
+            if k:
+                with _compute(block, plan.compute):
+                    stats[lead] = gather(block, {lead: groups[lead]}, plan, hidden, kwargs, comm, owner)[lead]
+            swap(lead, round_own(lead))
+    else:  # every rank rounds its own groups, then they are exchanged
+        own = {lead: round_own(lead) for lead in order}
+        for lead in order:
+            swap(lead, own.pop(lead))
     if plan.needs_data and propagate:
         with _compute(block, plan.compute):
             _run(block, hidden, kwargs, out=hidden)

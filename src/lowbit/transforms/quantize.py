@@ -28,19 +28,24 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.kernels.advice import Advice, apply_advice, load_cached
 from lowbit.nn.modules import QuantizedModule
+from lowbit.transforms.comm import Comm, digest_batches, model_facts
 from lowbit.transforms.configs import QuantConfig
 
 HANDLERS: dict[type[QuantConfig], Callable] = {}
+DISTRIBUTED: set[type[QuantConfig]] = set()  # handlers that take ``comm=`` (a distributed run)
 
 
-def register_handler(config_type: type[QuantConfig]) -> Callable:
-    """Decorator: ``fn(model, config, calib, selector, progress) -> QuantSummary`` handles ``config_type``.
+def register_handler(config_type: type[QuantConfig], distributed: bool = False) -> Callable:
+    """Decorator: ``fn(model, config, calib, selector, progress) -> QuantSummary`` handles ``config_type``;
+    with ``distributed``, ``fn`` also takes ``comm=`` (``lowbit.transforms.comm.Comm``).
 
     The handler swaps the selected layers it supports; ``quantize_`` checks the model before and records
     what was left float after (module docstring)."""
 
     def deco(fn: Callable) -> Callable:
         HANDLERS[config_type] = fn
+        if distributed:
+            DISTRIBUTED.add(config_type)
         return fn
 
     return deco
@@ -191,6 +196,7 @@ def quantize_(
     exclude: Sequence[str] = (),
     progress: bool = False,
     advice: Advice | bool | None = None,
+    comm: Comm | None = None,
 ) -> QuantSummary:
     """Quantize ``model`` in place as ``config`` says; returns what was quantized and what stayed float.
 
@@ -198,6 +204,9 @@ def quantize_(
     ``include``/``exclude``: module-name patterns (see ``Selector``).
     ``advice``: an ``Advice`` (or True: this machine's cache, from ``lowbit advise``) whose measured
     routes pick each layer's backend by batch size (``lowbit.kernels.advice``).
+    ``comm``: the ranks of a distributed run (``lowbit.TorchComm()`` under torchrun), each calling
+    ``quantize_`` with the same model, config and ``calib``: they are checked to agree, then share the
+    calibration forwards and the rounding; every rank ends with the same quantized model.
     """
     handler = HANDLERS.get(type(config))
     if handler is None:
@@ -206,7 +215,17 @@ def quantize_(
     check_model(model)
     select = Selector(include, exclude)
     empty = {f: why for f, why in zero_size_layers(model).items() if select(f)}
-    summary = handler(model, config, calib, Selector(include, exclude, skip=empty), progress)
+    select = Selector(include, exclude, skip=empty)
+    if comm is not None and comm.world > 1:
+        if type(config) not in DISTRIBUTED:
+            raise LowbitError(f"{type(config).__name__} does not run distributed: quantize in one process")
+        calib = None if calib is None else list(calib)
+        facts = {"config": config.to_dict(), "include": list(include), "exclude": list(exclude)}
+        facts |= {"model": model_facts(model), "calib": None if calib is None else digest_batches(calib)}
+        comm.agree(facts)
+        summary = handler(model, config, calib, select, progress, comm=comm)
+    else:
+        summary = handler(model, config, calib, select, progress)
     summary.skipped.update(empty)
     note_float_layers(model, summary, select)
     require_quantized(summary)

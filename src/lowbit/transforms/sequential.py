@@ -38,6 +38,7 @@ from lowbit.nn.dynamic import QDynamicLinear
 from lowbit.nn.modules import FLOAT_TO_Q
 from lowbit.transforms.block import BlockPlan, BlockResult, compute_dtype, quantize_block
 from lowbit.transforms.calibrate import input_spec
+from lowbit.transforms.comm import SOLO, Comm
 from lowbit.transforms.configs import Int8Dynamic, QuantConfig, SmoothQuant, WeightOnly
 from lowbit.transforms.mappings import architecture, blocks_path
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler
@@ -165,18 +166,21 @@ def regroup(batches: list, tokens: int = CHUNK_TOKENS) -> list[tuple[object, str
 
 
 @torch.no_grad()
-def capture(model: nn.Module, path: str, batches: list) -> Captured:
+def capture(model: nn.Module, path: str, batches: list, comm: Comm = SOLO) -> Captured:
     """Block inputs for ``batches`` (see module docstring, stacked by ``regroup``); the blocks
-    themselves never run, so they may sit on the meta device. ``path``: the block ``ModuleList``."""
+    themselves never run, so they may sit on the meta device. ``path``: the block ``ModuleList``.
+    With several ranks (``comm``), only this rank's share of the stacked forwards (``Comm.share``)."""
     if not batches:
         raise LowbitError("the calibration set is empty: pass at least one batch")
+    chunks = regroup(batches)
+    chunks = [chunks[j] for j in comm.share(len(chunks))]
     blocks = model.get_submodule(path)
     originals = list(blocks)
     recs = [_Recorder(b, i == 0, i == len(originals) - 1) for i, b in enumerate(originals)]
     try:
         for i, r in enumerate(recs):
             blocks[i] = r
-        for j, (batch, label) in enumerate(regroup(batches)):
+        for j, (batch, label) in enumerate(chunks):
             try:
                 _call(model, batch)
             except _Stop:
@@ -243,11 +247,14 @@ def run_pipeline(
     store: BlockStore,
     summary: PipelineSummary,
     progress: bool,
+    comm: Comm = SOLO,
 ) -> None:
     """Quantize ``model`` with ``config``: the decoder blocks at ``path`` (``run_blocks``), then the
-    layers outside them (``quantize_rest``), the tensors coming from and going to ``store``."""
-    run_blocks(model, path, block_plan(config), select, batches, store, summary, progress)
-    quantize_rest(model, path, config, select, summary, store)
+    layers outside them (``quantize_rest``), the tensors coming from and going to ``store``; ``comm``:
+    the ranks of a distributed run (``run_blocks``; every rank rounds the layers outside the blocks)."""
+    run_blocks(model, path, block_plan(config), select, batches, store, summary, progress, comm)
+    if comm.rank == 0 or store.rest_everywhere:
+        quantize_rest(model, path, config, select, summary, store)
 
 
 def check_calib(config: QuantConfig, calib: Iterable | None) -> list:
@@ -264,9 +271,15 @@ def check_calib(config: QuantConfig, calib: Iterable | None) -> list:
 
 
 def quantize_sequential(
-    model: nn.Module, config: QuantConfig, calib: Iterable | None, select: Selector, progress: bool
+    model: nn.Module,
+    config: QuantConfig,
+    calib: Iterable | None,
+    select: Selector,
+    progress: bool,
+    comm: Comm = SOLO,
 ) -> PipelineSummary:
-    """Quantize a Hugging Face decoder in place, block by block (module docstring)."""
+    """Quantize a Hugging Face decoder in place, block by block (module docstring); with several ranks
+    (``comm``), each passing the same model and batches, every rank ends with the same model."""
     plan = block_plan(config)
     batches = check_calib(config, calib)
     path = blocks_path(model, architecture(getattr(model, "config", None)))
@@ -274,7 +287,7 @@ def quantize_sequential(
     was_training = model.training
     model.eval()
     try:
-        run_pipeline(model, path, config, select, batches, InMemoryStore(), summary, progress)
+        run_pipeline(model, path, config, select, batches, InMemoryStore(), summary, progress, comm)
     finally:
         model.train(was_training)
     return summary
@@ -289,10 +302,13 @@ def run_blocks(
     store: BlockStore,
     summary: PipelineSummary,
     progress: bool,
+    comm: Comm = SOLO,
 ) -> None:
     """Quantize the decoder blocks at ``path`` in order (module docstring, steps 1-2), the blocks
     coming from and going to ``store`` (``lowbit.transforms.store``); the blocks ``store`` finished
-    before are not run again, and calibration resumes from the inputs it kept for the next one."""
+    before are not run again, and calibration resumes from the inputs it kept for the next one.
+    ``comm``: the ranks of a distributed run: each runs the blocks on its share of the calibration
+    forwards; statistics are combined and the rounding dealt out (``block.quantize_block``)."""
     arch = architecture(getattr(model, "config", None))
     blocks = model.get_submodule(path)
     for i in range(store.done):
@@ -302,15 +318,16 @@ def run_blocks(
     cap = None
     if plan.needs_data:
         with store.capturing(model):
-            cap = capture(model, path, batches)
+            cap = capture(model, path, batches, comm)
         if store.done:
             cap.hidden = store.hidden(store.done)
-    bar = tqdm(range(store.done, len(blocks)), desc=plan.label, unit="block", disable=not progress)
+    quiet = not progress or comm.rank > 0
+    bar = tqdm(range(store.done, len(blocks)), desc=plan.label, unit="block", disable=quiet)
     for i in bar:
         prefix, block, last = f"{path}.{i}", blocks[i], i + 1 == len(blocks)
         store.load(i, prefix, block)
         hidden, kwargs = (cap.hidden, cap.kwargs[i]) if cap else (None, None)
-        res = quantize_block(block, prefix, plan, arch, select, hidden, kwargs, propagate=not last)
+        res = quantize_block(block, prefix, plan, arch, select, hidden, kwargs, not last, comm)
         store.commit(i, prefix, block, res, cap.hidden if cap and not last else None)
         merge(summary, res)
         store.release(i, block)
@@ -333,7 +350,18 @@ def merge(summary: PipelineSummary, res: BlockResult) -> None:
     summary.scaled.update(res.scaled)
 
 
-@register_handler(SmoothQuant)
-def smoothquant(model: nn.Module, config: SmoothQuant, calib, select: Selector, progress: bool):
+@register_handler(SmoothQuant, distributed=True)
+def smoothquant(
+    model: nn.Module, config: SmoothQuant, calib, select: Selector, progress: bool, comm: Comm = SOLO
+):
     """SmoothQuant scales folded block by block, then W8A8 dynamic layers (``QDynamicLinear``)."""
-    return quantize_sequential(model, config, calib, select, progress)
+    return quantize_sequential(model, config, calib, select, progress, comm)
+
+
+def is_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder ``quantize_sequential`` can walk block by block."""
+    try:
+        blocks_path(model, architecture(getattr(model, "config", None)))
+    except LowbitError:
+        return False
+    return True

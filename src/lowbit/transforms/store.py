@@ -38,9 +38,12 @@ class BlockStore(Protocol):
     a table still on the meta device, which is rounded a row chunk at a time.
     ``load_rest(model, path, rounded)``: read in the tensors outside the blocks at ``path`` still on
     meta that the model needs now; ``rounded``: the float layers about to be rounded whole.
+    ``rest_everywhere``: in a distributed run, every rank (True) or rank 0 alone (False, it writes
+    the result) rounds the layers outside the blocks.
     """
 
     done: int
+    rest_everywhere: bool
 
     def result(self, i: int) -> BlockResult: ...
 
@@ -62,9 +65,11 @@ class BlockStore(Protocol):
 
 
 class InMemoryStore:
-    """The model's own tensors, quantized in place: nothing to load, commit or release."""
+    """The model's own tensors, quantized in place: nothing to load, commit or release; every rank of
+    a distributed run ends with the whole quantized model."""
 
     done = 0
+    rest_everywhere = True
 
     def result(self, i: int) -> BlockResult:
         raise IndexError(f"block {i}: an in-memory run has no finished blocks before it starts")
