@@ -26,7 +26,9 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant")
 def config(method: str, group_size: int = 16):
     from lowbit import SmoothQuant, WeightOnly
 
-    return SmoothQuant() if method == "smoothquant" else WeightOnly(bits=4, group_size=group_size, method=method)
+    return (
+        SmoothQuant() if method == "smoothquant" else WeightOnly(bits=4, group_size=group_size, method=method)
+    )
 
 
 def calib(n: int = 6):
@@ -48,7 +50,9 @@ def launch(world: int, *args: str, timeout: float = 300) -> list[subprocess.Comp
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, __file__, *map(str, args)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=timeout)
@@ -63,20 +67,20 @@ def main(mode: str, src: str, out: str, *methods: str) -> None:
     from support import tiny_llama
 
     torch.set_num_threads(1)
+
+    class Dies(TorchComm):
+        """Rank 1 dies (SIGKILL) at its third barrier: once block 0 is staged."""
+
+        calls = 0
+
+        def barrier(self) -> None:
+            Dies.calls += 1
+            if Dies.calls == 3 and self.rank == 1:  # 1: staging opened; 2-3: block 0 committed
+                os.kill(os.getpid(), signal.SIGKILL)
+            super().barrier()
+
     comm = torchrun_comm()
-    if mode == "kill" and comm.rank == 1:
-
-        class Dies(TorchComm):
-            """Rank 1 dies (SIGKILL) at its second barrier: once block 0 is staged."""
-
-            calls = 0
-
-            def barrier(self) -> None:
-                Dies.calls += 1
-                if Dies.calls == 3:  # 1: staging opened; 2-3: block 0 committed
-                    os.kill(os.getpid(), signal.SIGKILL)
-                super().barrier()
-
+    if mode == "kill":
         comm = Dies()
     out = Path(out)
     for method in methods or METHODS:
@@ -86,7 +90,9 @@ def main(mode: str, src: str, out: str, *methods: str) -> None:
             model = tiny_llama()
             lowbit.quantize_(model, config(method, group), batches, comm=comm)
             lowbit.save(model, out / f"mem-{method}-r{comm.rank}")
-        quantize_folder(src, config(method, group), out / f"stream-{method}", batches, progress=False, comm=comm)
+        quantize_folder(
+            src, config(method, group), out / f"stream-{method}", batches, progress=False, comm=comm
+        )
     print("volume", comm.volume())
 
 

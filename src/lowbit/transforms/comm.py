@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -101,6 +102,21 @@ class Comm:
 SOLO = Comm()
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
 def digest_batches(batches: Sequence) -> str:
     """sha256 over the calibration batches' tensors (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256()
@@ -137,18 +153,18 @@ def model_facts(model: torch.nn.Module) -> dict:
     return out
 
 
-def _first_difference(a, b, path: str = "") -> str:
-    """Where JSON-like ``a`` and ``b`` first differ: "key.sub: a_value vs b_value"."""
+def _first_difference(a, b, path: str = "") -> tuple[str, str, str]:
+    """Where JSON-like ``a`` and ``b`` first differ: (path "key.sub[2]", a's value, b's value)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
             if a.get(k, "<missing>") != b.get(k, "<missing>"):
                 return _first_difference(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}")
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
                 return _first_difference(x, y, f"{path}[{i}]")
     show = lambda v: s if len(s := json.dumps(v, default=str)) < 80 else s[:77] + "..."  # noqa: E731
-    return f"{path.lstrip('.') or 'value'}: {show(a)} vs {show(b)}"
+    return path.lstrip(".") or "value", show(a), show(b)
 
 
 class TorchComm(Comm):
@@ -170,6 +186,9 @@ class TorchComm(Comm):
         backend = dist.get_backend(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
         self._bytes: Counter = Counter()
+        self.procs: list = [None] * self.world  # (host, pid) of each rank
+        with self._guard("meeting the other ranks"):
+            dist.all_gather_object(self.procs, (socket.gethostname(), os.getpid()), group=group)
 
     def _dev(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.device is None else t.to(self.device)
@@ -191,13 +210,13 @@ class TorchComm(Comm):
             ) from e
 
     def _missing(self) -> str:
-        """Which ranks do not answer a short monitored barrier (gloo only), as text, or ''."""
-        try:
-            self.dist.monitored_barrier(self.group, timeout=timedelta(seconds=5), wait_all_ranks=True)
-        except (RuntimeError, ValueError) as e:
-            text = str(e).strip().splitlines()
-            return text[0] if text else ""
-        return ""
+        """The ranks on this host whose process has ended, as text ("rank 1 (pid 123) stopped"), or ''
+        if none (the rank that stopped may be on another host)."""
+        host, gone = socket.gethostname(), []
+        for r, proc in enumerate(getattr(self, "procs", [])):
+            if isinstance(proc, tuple) and proc[0] == host and r != self.rank and not _alive(proc[1]):
+                gone.append(f"rank {r} (pid {proc[1]})")
+        return f"{', '.join(gone)} stopped" if gone else ""
 
     def sum_to(self, t: torch.Tensor, dst: int) -> torch.Tensor | None:
         flat = t.reshape(-1)
@@ -287,9 +306,10 @@ class TorchComm(Comm):
             if theirs["digest"] != every[0]["digest"]:
                 where = _first_difference(json.loads(json.dumps(every[0]["facts"], default=str)),
                                           json.loads(json.dumps(theirs["facts"], default=str)))  # fmt: skip
+                key, first, other = where
                 raise LowbitError(
-                    f"rank {r} was started with other inputs than rank 0 ({where} on rank 0 vs rank {r}): "
-                    "every rank must run the same command on the same model and data"
+                    f"rank {r} was started with other inputs than rank 0: {key} is {other} on rank {r} but "
+                    f"{first} on rank 0; every rank must run the same command on the same model and data"
                 )
 
     def barrier(self) -> None:
