@@ -14,7 +14,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
 .PHONY: venv fashion-mnist qwen bench-venv demo test test-fast lint format bench bench-quality bench-speed \
-	bench-static bench-gptq clean
+	bench-static bench-gptq bench-dist clean
 
 venv: $(STAMP)
 
@@ -70,6 +70,10 @@ bench-quality: $(STAMP)
 # Static W8A8 PTQ against onnxruntime.quantization.quantize_static (ONNX Runtime is a dev dependency already).
 bench-static: $(STAMP)
 	$(PY) benchmarks/static_ptq.py
+
+# Distributed GPTQ: 1 vs 2 gloo ranks of one thread each (torchrun), SmolLM2 and Qwen2.5-0.5B.
+bench-dist: qwen
+	$(PY) benchmarks/distributed_gptq.py
 
 # GPTQ against llm-compressor's GPTQModifier, side by side (64 x 512 calibration tokens, w4 g64 and g128;
 # SAMPLES=4 SEQ_LEN=128 for a quick smoke run).

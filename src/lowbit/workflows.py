@@ -7,6 +7,7 @@ A model reference is a lowbit checkpoint folder (has quant_config.json), a bundl
 from __future__ import annotations
 
 import os
+import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -118,7 +119,8 @@ def quantize_and_save(
 def _quantize_distributed(args: dict, progress: bool) -> dict:
     """``quantize_and_save`` as one rank of a torchrun launch: the ranks check they got the same
     arguments, share the calibration forwards and the rounding of each block, and rank 0 writes
-    (``lowbit.transforms.comm``). Returns rank 0's result (other ranks: theirs, with ``rank``)."""
+    (``lowbit.transforms.comm``). Returns this rank's result with ``rank``, ``ranks`` and, per rank,
+    ``peak_rss_kib`` (``ru_maxrss``) and ``collective_bytes`` (sent plus received)."""
     import torch.distributed as dist
 
     from lowbit.transforms.comm import torchrun_comm
@@ -128,10 +130,12 @@ def _quantize_distributed(args: dict, progress: bool) -> dict:
         comm.agree({"lowbit quantize": args})
         ref, scheme, out = args.pop("ref"), args.pop("scheme"), args.pop("out")
         result = _quantize_and_save(ref, scheme, out, **args, progress=progress, comm=comm)
-        comm.barrier()
+        result |= {"ranks": comm.world, "rank": comm.rank}
+        result["peak_rss_kib"] = comm.counts(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        result["collective_bytes"] = comm.counts(sum(comm.volume().values()))  # sent + received
     finally:
         dist.destroy_process_group()
-    return result | {"ranks": comm.world, "rank": comm.rank, "collective_bytes": comm.volume()}
+    return result
 
 
 def _quantize_and_save(

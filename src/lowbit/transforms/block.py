@@ -154,10 +154,15 @@ class _InputStats:
 
     def _combine(self, width: int, comm: Comm, owner: int, n: int) -> None:
         if self.want_hessian:
-            from lowbit.algorithms.gptq import HessianAccumulator
+            from lowbit.algorithms.gptq import HESSIAN_BLOCK, HessianAccumulator
 
             part = self.acc.total if self.acc is not None else torch.zeros(width, width)
-            total = comm.sum_to(part, owner)
+            total = torch.zeros_like(part) if comm.rank == owner else None
+            for a in range(0, width, HESSIAN_BLOCK):  # the upper block rows, the part that holds sums
+                b = min(a + HESSIAN_BLOCK, width)
+                rows = comm.sum_to(part[a:b, a:].contiguous(), owner)
+                if total is not None:
+                    total[a:b, a:] = rows
             if total is not None and n:
                 self.hessian = HessianAccumulator.from_total(total, n).hessian()
         if self.want_absmax:
@@ -363,6 +368,13 @@ def _stand_in(block: nn.Module, name: str, m: nn.Linear, q: QLinear) -> None:
         block.set_submodule(name, q)
 
 
+def _cost(names: list[str], mods: dict[str, nn.Linear], plan: BlockPlan) -> float:
+    """Relative cost of rounding an input group: GPTQ's sweep and factorisation ``in^2 (out + in/3)``
+    (down_proj's wide input dominates), else the weight size."""
+    out, width = sum(mods[n].out_features for n in names), mods[names[0]].in_features
+    return width * width * (out + width / 3) if plan.rounding == "gptq" else out * width
+
+
 def quantize_block(
     block: nn.Module,
     prefix: str,
@@ -388,8 +400,9 @@ def quantize_block(
     result = BlockResult()
     targets = _linears(block, prefix, select)
     mods, groups = dict(targets), _input_groups(block, arch, targets)
-    costs = [sum(mods[n].weight.numel() for n in names) for names in groups.values()]
-    owner = dict(zip(groups, comm.owners(costs), strict=False))
+    owner = dict(
+        zip(groups, comm.owners([_cost(names, mods, plan) for names in groups.values()]), strict=True)
+    )
     stats: dict[str, _InputStats] = {}
     if plan.needs_data:
         with _compute(block, plan.compute):
