@@ -75,8 +75,8 @@ def _table(rows: dict, calib: str) -> str:
     lines = [
         f"GPTQ w4g128, calibration {calib}, streamed, one thread per rank (median of rounds).",
         "",
-        "| model | ranks | wall s | quantize s | speed-up | peak RSS / rank MiB | collective MB / block / rank "
-        "| same checkpoint |",
+        "| model | ranks | wall s | quantize s | speed-up | peak RSS / rank MiB "
+        "| collective MB / block / rank | same checkpoint |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for model, r in rows.items():
@@ -115,6 +115,11 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     machine |= {"torch": torch.__version__, "python": platform.python_version()}
     RESULTS.mkdir(exist_ok=True)
+    old = RESULTS / "distributed_gptq.json"
+    if old.is_file():  # models not run now keep their results from a run with the same settings
+        prev = json.loads(old.read_text())
+        if (prev["calib"], prev["rounds"]) == (args.calib, args.rounds):
+            rows = {**{m: r for m, r in prev["results"].items() if m not in rows}, **rows}
     doc = {"calib": args.calib, "rounds": args.rounds, "machine": machine, "results": rows}
     (RESULTS / "distributed_gptq.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = _table(rows, args.calib)
