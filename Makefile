@@ -71,9 +71,10 @@ bench-quality: $(STAMP)
 bench-static: $(STAMP)
 	$(PY) benchmarks/static_ptq.py
 
-# Distributed GPTQ: 1 vs 2 gloo ranks of one thread each (torchrun), SmolLM2 and Qwen2.5-0.5B.
+# Distributed GPTQ: 1 vs 2 gloo ranks of one thread each (torchrun), SmolLM2 and Qwen2.5-0.5B (~70 min).
 bench-dist: qwen
-	$(PY) benchmarks/distributed_gptq.py
+	$(PY) benchmarks/distributed_gptq.py --models smollm2-135m --rounds 3
+	$(PY) benchmarks/distributed_gptq.py --models qwen2.5-0.5b --rounds 2
 
 # GPTQ against llm-compressor's GPTQModifier, side by side (64 x 512 calibration tokens, w4 g64 and g128;
 # SAMPLES=4 SEQ_LEN=128 for a quick smoke run).

@@ -73,11 +73,11 @@ def _same(a: Path, b: Path) -> dict:
 
 def _table(rows: dict, calib: str) -> str:
     lines = [
-        f"GPTQ w4g128, calibration {calib}, streamed, one thread per rank (median of rounds).",
+        f"GPTQ w4g128, calibration {calib}, streamed, one thread per rank; median of the rounds shown.",
         "",
-        "| model | ranks | wall s | quantize s | speed-up | peak RSS / rank MiB "
+        "| model | rounds | ranks | wall s | quantize s | speed-up | peak RSS / rank MiB "
         "| collective MB / block / rank | same checkpoint |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, r in rows.items():
         one = r["1"]["quantize_s"]
@@ -85,7 +85,8 @@ def _table(rows: dict, calib: str) -> str:
             v = r[ranks]
             same = "" if ranks == "1" else ("bit-identical" if r["same"]["identical"] else str(r["same"]))
             lines.append(
-                f"| {model} | {ranks} | {v['wall_s']} | {v['quantize_s']} | {one / v['quantize_s']:.2f}x "
+                f"| {model} | {r['n_rounds']} | {ranks} | {v['wall_s']} | {v['quantize_s']} "
+                f"| {one / v['quantize_s']:.2f}x "
                 f"| {' / '.join(map(str, v['peak_rss_mib']))} "
                 f"| {' / '.join(map(str, v['collective_mb_per_block'])) or '0'} | {same} |"
             )
@@ -96,7 +97,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"])
     p.add_argument("--calib", default="wiki:32x512")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (1 rank, 2 ranks) per model")
     args = p.parse_args()
     runs: dict = {m: {"1": [], "2": []} for m in args.models}
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-dist-") as tmp:
@@ -112,20 +113,24 @@ def main() -> None:
             for ranks, rs in runs[model].items():
                 med = {key: statistics.median(r[key] for r in rs) for key in ("wall_s", "quantize_s")}
                 rows[model][ranks] = {**rs[0], **med, "rounds": rs}
+            rows[model]["n_rounds"] = args.rounds
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     machine |= {"torch": torch.__version__, "python": platform.python_version()}
     RESULTS.mkdir(exist_ok=True)
     old = RESULTS / "distributed_gptq.json"
     if old.is_file():  # models not run now keep their results from a run with the same settings
         prev = json.loads(old.read_text())
-        if (prev["calib"], prev["rounds"]) == (args.calib, args.rounds):
+        if prev["calib"] == args.calib:
+            for r in prev["results"].values():
+                r.setdefault("n_rounds", prev.get("rounds"))
             rows = {**{m: r for m, r in prev["results"].items() if m not in rows}, **rows}
-    doc = {"calib": args.calib, "rounds": args.rounds, "machine": machine, "results": rows}
+    doc = {"calib": args.calib, "machine": machine, "results": rows}
     (RESULTS / "distributed_gptq.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = _table(rows, args.calib)
     (RESULTS / "distributed_gptq.md").write_text(
         "# Distributed GPTQ, 1 vs 2 gloo ranks\n\n" + md + "\n\nCommand: `make bench-dist` "
-        f"(`.venv/bin/python benchmarks/distributed_gptq.py --rounds {args.rounds} --calib {args.calib}`). "
+        "(`.venv/bin/python benchmarks/distributed_gptq.py --models smollm2-135m --rounds 3`, then "
+        "`--models qwen2.5-0.5b --rounds 2`). "
         "Per-round numbers and load averages: distributed_gptq.json.\n"
     )
     print(md)

@@ -158,6 +158,9 @@ def _quantize_and_save(
             f"{scheme} with method {method or 'rtn'} needs calibration data, e.g. --calib wiki:128x512 "
             "(language models) or photos:512"
         )
+    if comm is not None and comm.world > 1 and isinstance(config, StaticW8A8):
+        raise LowbitError("--distributed runs the block pipeline (weight-only schemes, w8a8, smoothquant); "
+                          "w8a8-static calibrates observers in one process")  # fmt: skip
     if streaming and not isinstance(config, (WeightOnly, SmoothQuant, Int8Dynamic)):
         raise LowbitError("--streaming supports weight-only schemes, w8a8 and --method smoothquant")
     out = check_target(out, overwrite)

@@ -6,7 +6,7 @@ variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) by ``launch``
 MODE ``run``: quantize ``tiny_llama`` with each method in memory (every rank saves its model to
 ``OUT/mem-<method>-r<rank>``) and streamed from folder ``SRC`` (``OUT/stream-<method>``, rank 0
 writes); ``kill``: like ``run`` (streamed only), but rank 1 SIGKILLs itself after staging block 0;
-``mismatch``: rank 1 asks for another group size; ``few``: one calibration forward for all ranks.
+``mismatch``: rank 1 asks for another group size; ``othermodel``: rank 1 changes a weight; ``few``: one calibration forward for all ranks.
 """
 
 import os
@@ -88,6 +88,8 @@ def main(mode: str, src: str, out: str, *methods: str) -> None:
         batches = calib(1 if mode == "few" else 6)
         if mode != "kill":
             model = tiny_llama()
+            if mode == "othermodel" and comm.rank == 1:
+                model.model.layers[1].mlp.up_proj.weight.data[3, 5] += 1
             lowbit.quantize_(model, config(method, group), batches, comm=comm)
             lowbit.save(model, out / f"mem-{method}-r{comm.rank}")
         quantize_folder(

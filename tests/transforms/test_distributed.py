@@ -89,6 +89,14 @@ def test_ranks_started_with_other_configs_are_refused(runs, tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before any work
 
 
+def test_ranks_started_with_other_weights_are_refused(runs, tmp_path):
+    res = dist_worker.launch(2, "othermodel", runs[0], tmp_path, "rtn")
+    _check(res, ok=False)
+    for r in res:
+        assert "model.model.layers.1.mlp.up_proj.weight[2] is " in r.stderr and "on rank 1 but" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_more_ranks_than_calibration_forwards_is_refused(runs, tmp_path):
     res = dist_worker.launch(2, "few", runs[0], tmp_path, "gptq")
     _check(res, ok=False)

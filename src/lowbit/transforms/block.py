@@ -375,6 +375,36 @@ def _cost(names: list[str], mods: dict[str, nn.Linear], plan: BlockPlan) -> floa
     return width * width * (out + width / 3) if plan.rounding == "gptq" else out * width
 
 
+@dataclass
+class _Block:
+    """One block being quantized: its Linears by name, input groups, their owners and the result."""
+
+    module: nn.Module
+    prefix: str
+    plan: BlockPlan
+    mods: dict[str, nn.Linear]
+    groups: dict[str, list[str]]
+    owner: dict[str, int]
+    comm: Comm
+    swaps: dict[str, QLinear] = field(default_factory=dict)
+
+    def round_own(self, lead: str, st: _InputStats | None) -> dict[str, QuantizedTensor] | None:
+        """Group ``lead`` rounded if this rank owns it, else None."""
+        if self.owner[lead] != self.comm.rank:
+            return None
+        return _round_group(self.groups[lead], self.mods, st, self.plan, self.prefix)
+
+    def swap(self, lead: str, qts: dict[str, QuantizedTensor] | None) -> None:
+        """Build group ``lead``'s quantized modules from its owner's ``qts``; stand them in."""
+        names, plan = self.groups[lead], self.plan
+        for name, qt in _shared(qts, names, plan.spec, self.owner[lead], self.comm).items():
+            m = self.swaps[name] = plan.qcls.from_float(self.mods[name], plan.spec)
+            m.set_weight(qt)
+            if self.mods[name].bias is not None:
+                m.bias = self.mods[name].bias.detach().clone()
+            _stand_in(self.module, name, self.mods[name], m)
+
+
 def quantize_block(
     block: nn.Module,
     prefix: str,
@@ -395,18 +425,17 @@ def quantize_block(
     With ``propagate``, ``hidden`` is overwritten with the quantized block's outputs (next inputs).
     ``comm``: the ranks of a distributed run (``lowbit.transforms.comm``): ``hidden`` is this rank's
     share, statistics are combined, and each input group is rounded on one rank (``Comm.owners``, by
-    weight size) and broadcast; every rank ends with the same block.
+    ``_cost``) and broadcast; every rank ends with the same block.
     """
     result = BlockResult()
     targets = _linears(block, prefix, select)
     mods, groups = dict(targets), _input_groups(block, arch, targets)
-    owner = dict(
-        zip(groups, comm.owners([_cost(names, mods, plan) for names in groups.values()]), strict=True)
-    )
+    owners = comm.owners([_cost(names, mods, plan) for names in groups.values()])
+    b = _Block(block, prefix, plan, mods, groups, dict(zip(groups, owners, strict=True)), comm)
     stats: dict[str, _InputStats] = {}
     if plan.needs_data:
         with _compute(block, plan.compute):
-            stats = gather(block, groups, plan, hidden, kwargs, comm, owner)
+            stats = gather(block, groups, plan, hidden, kwargs, comm, b.owner)
         if plan.scales:
             lead_of = {n: lead for lead, names in groups.items() for n in names}
             _fold_maps(block, prefix, arch, plan, stats, lead_of, result)
@@ -414,34 +443,22 @@ def quantize_block(
             if not st.usable:
                 result.uncalibrated |= {f"{prefix}.{n}": "hqq" for n in groups[lead]}
     order = list(stats or groups)  # ``gather`` orders its stats by first call
-    swaps: dict[str, QLinear] = {}
-
-    def swap(lead: str, qts: dict[str, QuantizedTensor]) -> None:
-        for name, qt in _shared(qts, groups[lead], plan.spec, owner[lead], comm).items():
-            m = swaps[name] = plan.qcls.from_float(mods[name], plan.spec)
-            m.set_weight(qt)
-            if mods[name].bias is not None:
-                m.bias = mods[name].bias.detach().clone()
-            _stand_in(block, name, mods[name], m)
-
-    def round_own(lead: str) -> dict[str, QuantizedTensor] | None:
-        st = stats.pop(lead, None)  # freed once its group is rounded (a Hessian may be 100 MB)
-        return _round_group(groups[lead], mods, st, plan, prefix) if owner[lead] == comm.rank else None
-
     if plan.needs_data and plan.true_sequential:
         for k, lead in enumerate(order):
             if k:
                 with _compute(block, plan.compute):
-                    stats[lead] = gather(block, {lead: groups[lead]}, plan, hidden, kwargs, comm, owner)[lead]
-            swap(lead, round_own(lead))
-    else:  # every rank rounds its own groups, then they are exchanged
-        own = {lead: round_own(lead) for lead in order}
+                    stats[lead] = gather(block, {lead: groups[lead]}, plan, hidden, kwargs, comm, b.owner)[
+                        lead
+                    ]
+            b.swap(lead, b.round_own(lead, stats.pop(lead)))
+    else:  # every rank rounds its own groups (each Hessian freed once used), then they are exchanged
+        own = {lead: b.round_own(lead, stats.pop(lead, None)) for lead in order}
         for lead in order:
-            swap(lead, own.pop(lead))
+            b.swap(lead, own.pop(lead))
     if plan.needs_data and propagate:
         with _compute(block, plan.compute):
             _run(block, hidden, kwargs, out=hidden)
-    for name, q in swaps.items():
+    for name, q in b.swaps.items():
         block.set_submodule(name, q)
         result.quantized[f"{prefix}.{name}"] = q.extra_repr()
     return result
