@@ -6,7 +6,8 @@ variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) by ``launch``
 MODE ``run``: quantize ``tiny_llama`` with each method in memory (every rank saves its model to
 ``OUT/mem-<method>-r<rank>``) and streamed from folder ``SRC`` (``OUT/stream-<method>``, rank 0
 writes); ``kill``: like ``run`` (streamed only), but rank 1 SIGKILLs itself after staging block 0;
-``mismatch``: rank 1 asks for another group size; ``othermodel``: rank 1 changes a weight; ``few``: one calibration forward for all ranks.
+``mismatch``: rank 1 asks for another group size; ``othermodel``: rank 1 changes a weight;
+``few``: one calibration forward for all ranks.
 """
 
 import os
