@@ -71,11 +71,20 @@ def _same(a: Path, b: Path) -> dict:
     return out
 
 
+def _same_text(same: dict) -> str:
+    if same["identical"]:
+        return "bit-identical"
+    return (
+        f"no: {same['tensors_differing']} tensors differ; perplexity {same['ppl_1_rank']} (1 rank), "
+        f"{same['ppl_2_ranks']} (2 ranks)"
+    )
+
+
 def _table(rows: dict, calib: str) -> str:
     lines = [
         f"GPTQ w4g128, calibration {calib}, streamed, one thread per rank; median of the rounds shown.",
         "",
-        "| model | rounds | ranks | wall s | quantize s | speed-up | peak RSS / rank MiB "
+        "| model | rounds | ranks | wall s | quantize s (min-max) | speed-up | peak RSS / rank MiB "
         "| collective MB / block / rank | same checkpoint |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -83,9 +92,11 @@ def _table(rows: dict, calib: str) -> str:
         one = r["1"]["quantize_s"]
         for ranks in ("1", "2"):
             v = r[ranks]
-            same = "" if ranks == "1" else ("bit-identical" if r["same"]["identical"] else str(r["same"]))
+            same = "" if ranks == "1" else _same_text(r["same"])
+            times = [x["quantize_s"] for x in v["rounds"]]
+            spread = f"{min(times)}-{max(times)}"
             lines.append(
-                f"| {model} | {r['n_rounds']} | {ranks} | {v['wall_s']} | {v['quantize_s']} "
+                f"| {model} | {r['n_rounds']} | {ranks} | {v['wall_s']} | {v['quantize_s']} ({spread}) "
                 f"| {one / v['quantize_s']:.2f}x "
                 f"| {' / '.join(map(str, v['peak_rss_mib']))} "
                 f"| {' / '.join(map(str, v['collective_mb_per_block'])) or '0'} | {same} |"
@@ -93,47 +104,60 @@ def _table(rows: dict, calib: str) -> str:
     return "\n".join(lines)
 
 
+def _measure(models: list[str], calib: str, rounds: int) -> dict:
+    """Interleaved launches; per model the medians, every round, and the 1 vs 2 rank comparison."""
+    runs: dict = {m: {"1": [], "2": []} for m in models}
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-dist-") as tmp:
+        for k in range(rounds):
+            for model in models:
+                for ranks in ("1", "2") if k % 2 == 0 else ("2", "1"):
+                    run = _launch(model, int(ranks), calib, Path(tmp) / f"{model}-{ranks}")
+                    runs[model][ranks].append(run)
+                    print(f"round {k} {model} ranks {ranks}: {run}", flush=True)
+        for model in models:
+            rows[model] = {"same": _same(Path(tmp) / f"{model}-1", Path(tmp) / f"{model}-2")}
+            for ranks, rs in runs[model].items():
+                med = {key: statistics.median(r[key] for r in rs) for key in ("wall_s", "quantize_s")}
+                rows[model][ranks] = {**rs[0], **med, "rounds": rs}
+            rows[model]["n_rounds"] = rounds
+    return rows
+
+
+def _write_md(doc: dict) -> str:
+    md = _table(doc["results"], doc["calib"])
+    (RESULTS / "distributed_gptq.md").write_text(
+        "# Distributed GPTQ, 1 vs 2 gloo ranks\n\n" + md + "\n\nCommand: `make bench-dist` "
+        "(`.venv/bin/python benchmarks/distributed_gptq.py --models smollm2-135m --rounds 3`, then "
+        "`--models qwen2.5-0.5b --rounds 2`). Per-round numbers and load averages (the 1-minute load "
+        "average includes the benchmark's own ranks: 2 busy processes raise it towards 2; nothing else "
+        "ran): distributed_gptq.json.\n"
+    )
+    return md
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b"])
     p.add_argument("--calib", default="wiki:32x512")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (1 rank, 2 ranks) per model")
+    p.add_argument("--table", action="store_true", help="only rewrite the markdown from the JSON results")
     args = p.parse_args()
-    runs: dict = {m: {"1": [], "2": []} for m in args.models}
-    with tempfile.TemporaryDirectory(prefix="lowbit-bench-dist-") as tmp:
-        for k in range(args.rounds):
-            for model in args.models:
-                for ranks in ("1", "2") if k % 2 == 0 else ("2", "1"):
-                    run = _launch(model, int(ranks), args.calib, Path(tmp) / f"{model}-{ranks}")
-                    runs[model][ranks].append(run)
-                    print(f"round {k} {model} ranks {ranks}: {run}", flush=True)
-        rows = {}
-        for model in args.models:
-            rows[model] = {"same": _same(Path(tmp) / f"{model}-1", Path(tmp) / f"{model}-2")}
-            for ranks, rs in runs[model].items():
-                med = {key: statistics.median(r[key] for r in rs) for key in ("wall_s", "quantize_s")}
-                rows[model][ranks] = {**rs[0], **med, "rounds": rs}
-            rows[model]["n_rounds"] = args.rounds
+    path = RESULTS / "distributed_gptq.json"
+    if args.table:
+        print(_write_md(json.loads(path.read_text())))
+        return
+    rows = _measure(args.models, args.calib, args.rounds)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     machine |= {"torch": torch.__version__, "python": platform.python_version()}
     RESULTS.mkdir(exist_ok=True)
-    old = RESULTS / "distributed_gptq.json"
-    if old.is_file():  # models not run now keep their results from a run with the same settings
-        prev = json.loads(old.read_text())
+    if path.is_file():  # models not run now keep their results from a run with the same calibration
+        prev = json.loads(path.read_text())
         if prev["calib"] == args.calib:
-            for r in prev["results"].values():
-                r.setdefault("n_rounds", prev.get("rounds"))
             rows = {**{m: r for m, r in prev["results"].items() if m not in rows}, **rows}
     doc = {"calib": args.calib, "machine": machine, "results": rows}
-    (RESULTS / "distributed_gptq.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = _table(rows, args.calib)
-    (RESULTS / "distributed_gptq.md").write_text(
-        "# Distributed GPTQ, 1 vs 2 gloo ranks\n\n" + md + "\n\nCommand: `make bench-dist` "
-        "(`.venv/bin/python benchmarks/distributed_gptq.py --models smollm2-135m --rounds 3`, then "
-        "`--models qwen2.5-0.5b --rounds 2`). "
-        "Per-round numbers and load averages: distributed_gptq.json.\n"
-    )
-    print(md)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(_write_md(doc))
 
 
 if __name__ == "__main__":
