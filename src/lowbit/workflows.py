@@ -18,6 +18,8 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.export.checkpoint import QUANT_CONFIG, check_target, load, save
 from lowbit.transforms import Int8Dynamic, SmoothQuant, StaticW8A8, WeightOnly, parse_scheme, quantize_
+from lowbit.transforms.comm import SOLO
+from lowbit.transforms.quantize import check_distributed
 
 TASKS = ("wiki-ppl",)
 CALIB_SOURCES = ("photos", "mnist", "fashion-mnist", "sentences", "wiki")
@@ -139,7 +141,7 @@ def _quantize_distributed(args: dict, progress: bool) -> dict:
 
 
 def _quantize_and_save(
-    ref, scheme, out, method, include, exclude, calib, observer, streaming, overwrite, progress, comm=None
+    ref, scheme, out, method, include, exclude, calib, observer, streaming, overwrite, progress, comm=SOLO
 ) -> dict:
     config = parse_scheme(scheme, method)
     if observer is not None:
@@ -158,13 +160,12 @@ def _quantize_and_save(
             f"{scheme} with method {method or 'rtn'} needs calibration data, e.g. --calib wiki:128x512 "
             "(language models) or photos:512"
         )
-    if comm is not None and comm.world > 1 and isinstance(config, StaticW8A8):
-        raise LowbitError("--distributed runs the block pipeline (weight-only schemes, w8a8, smoothquant); "
-                          "w8a8-static calibrates observers in one process")  # fmt: skip
+    if comm.world > 1:
+        check_distributed(config)  # before loading anything
     if streaming and not isinstance(config, (WeightOnly, SmoothQuant, Int8Dynamic)):
         raise LowbitError("--streaming supports weight-only schemes, w8a8 and --method smoothquant")
     out = check_target(out, overwrite)
-    rank = comm.rank if comm is not None else 0
+    rank = comm.rank
     if streaming:  # quantize_seconds: the whole streaming run (reading, quantizing, writing)
         summary, seconds = _quantize_streaming(
             ref, config, out, calib, include, exclude, overwrite, progress and rank == 0, comm
@@ -179,8 +180,7 @@ def _quantize_and_save(
         seconds = time.perf_counter() - t0
         if rank == 0:
             save(model, out, tokenizer=tok, overwrite=overwrite)
-        if comm is not None:
-            comm.barrier()
+        comm.barrier()
     from lowbit.eval.size import dir_bytes
 
     return {
@@ -200,7 +200,7 @@ def _quantize_and_save(
     }
 
 
-def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress, comm=None):
+def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, progress, comm):
     """(summary, seconds) of ``quantize_folder`` on the fp32 Hugging Face folder of ``ref``."""
     from lowbit import models
     from lowbit.export.streaming import quantize_folder
@@ -217,7 +217,7 @@ def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, pr
     del tok  # 0.13 GB for Qwen2.5's vocabulary, not needed while quantizing
     t0 = time.perf_counter()
     opts = {"include": include, "exclude": exclude, "overwrite": overwrite, "progress": progress}
-    summary = quantize_folder(folder, config, out, batches, **opts, **({"comm": comm} if comm else {}))
+    summary = quantize_folder(folder, config, out, batches, **opts, comm=comm)
     return summary, time.perf_counter() - t0
 
 

@@ -41,7 +41,13 @@ Tensor = torch.Tensor
 
 _RETRIES = 4  # dampening tried: damp, 10 damp, ..., 10**_RETRIES damp (times mean diag(H))
 _MSE_SHRINK = torch.linspace(1.0, 0.7, 16).tolist()  # range fractions the mse_clip search tries
-HESSIAN_BLOCK = 384  # HessianAccumulator computes x^T x in block rows this tall, upper triangle only
+_HESSIAN_BLOCK = 384  # HessianAccumulator computes x^T x in block rows this tall, upper triangle only
+
+
+def block_rows(n: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the ``_HESSIAN_BLOCK``-tall block rows of an ``(n, n)`` Hessian sum; its
+    upper part ``[start:stop, start:]`` holds every sum ``HessianAccumulator`` makes."""
+    return [(a, min(a + _HESSIAN_BLOCK, n)) for a in range(0, n, _HESSIAN_BLOCK)]
 
 
 class HessianAccumulator:
@@ -68,8 +74,7 @@ class HessianAccumulator:
             raise LowbitError(f"input shape {tuple(x.shape)} does not end in in_features={self.in_features}")
         rows = x.reshape(-1, self.in_features).to(self._sum.device, self._sum.dtype)
         # upper block rows only (x^T x is symmetric): ~5/8 of the flops for in = 1536 in blocks of 384
-        for a in range(0, self.in_features, HESSIAN_BLOCK):
-            b = min(a + HESSIAN_BLOCK, self.in_features)
+        for a, b in block_rows(self.in_features):
             self._sum[a:b, a:].addmm_(rows[:, a:b].t(), rows[:, a:])
         self.n += rows.shape[0]
 
@@ -91,8 +96,7 @@ class HessianAccumulator:
             raise LowbitError("HessianAccumulator saw no input rows (n == 0): run calibration data first")
         h = self._sum.triu().mul_(2.0 / self.n).float()  # the one (in, in) copy
         n = self.in_features
-        for a in range(0, n, HESSIAN_BLOCK):  # mirror the upper triangle, a block column at a time
-            b = min(a + HESSIAN_BLOCK, n)
+        for a, b in block_rows(n):  # mirror the upper triangle, a block column at a time
             h[b:, a:b] = h[a:b, b:].t()
             diag = h[a:b, a:b]
             diag.copy_(diag + diag.triu(1).t())

@@ -143,23 +143,22 @@ class _InputStats:
     def finish(self, width: int, comm: Comm = SOLO, owner: int = 0, n: int | None = None) -> None:
         """Combine the ranks' statistics (``n``: the rows all ranks saw): the Hessian on rank ``owner``
         only (summed in rank order), maxima and sampled rows (in rank order) on every rank."""
+        if self.rows is not None:
+            self.x = comm.cat_all(torch.cat(self.rows) if self.rows else torch.zeros(0, width))
+            self.rows = None
         if comm.world > 1:
             self._combine(width, comm, owner, n)
         elif self.acc is not None and self.n:
             self.hessian = self.acc.hessian()
         self.acc = None
-        if self.rows is not None:
-            self.x = torch.cat(self.rows) if self.rows else torch.zeros(0, width)
-            self.rows = None
 
     def _combine(self, width: int, comm: Comm, owner: int, n: int) -> None:
         if self.want_hessian:
-            from lowbit.algorithms.gptq import HESSIAN_BLOCK, HessianAccumulator
+            from lowbit.algorithms.gptq import HessianAccumulator, block_rows
 
             part = self.acc.total if self.acc is not None else torch.zeros(width, width)
             total = torch.zeros_like(part) if comm.rank == owner else None
-            for a in range(0, width, HESSIAN_BLOCK):  # the upper block rows, the part that holds sums
-                b = min(a + HESSIAN_BLOCK, width)
+            for a, b in block_rows(width):  # the upper block rows, the part that holds sums
                 rows = comm.sum_to(part[a:b, a:].contiguous(), owner)
                 if total is not None:
                     total[a:b, a:] = rows
@@ -167,8 +166,6 @@ class _InputStats:
                 self.hessian = HessianAccumulator.from_total(total, n).hessian()
         if self.want_absmax:
             self.absmax = comm.max_all(self.absmax if self.absmax is not None else torch.zeros(width))
-        if self.rows is not None:
-            self.rows = [comm.cat_all(torch.cat(self.rows) if self.rows else torch.zeros(0, width))]
         self.n = n
 
     def rescale(self, s: torch.Tensor) -> None:
@@ -262,7 +259,7 @@ def gather(
         for handle in handles:
             handle.remove()
     seen = comm.sum_ints([st.n for st in stats.values()])
-    for (lead, st), n in zip(stats.items(), seen, strict=False):
+    for (lead, st), n in zip(stats.items(), seen, strict=True):
         st.finish(block.get_submodule(lead).in_features, comm, (owner or {}).get(lead, 0), n)
     first = comm.first(first)
     return {lead: stats[lead] for lead in [*dict.fromkeys(first), *stats]}

@@ -213,7 +213,7 @@ class TorchComm(Comm):
         """The ranks on this host whose process has ended, as text ("rank 1 (pid 123) stopped"), or ''
         if none (the rank that stopped may be on another host)."""
         host, gone = socket.gethostname(), []
-        for r, proc in enumerate(getattr(self, "procs", [])):
+        for r, proc in enumerate(self.procs):
             if isinstance(proc, tuple) and proc[0] == host and r != self.rank and not _alive(proc[1]):
                 gone.append(f"rank {r} (pid {proc[1]})")
         return f"{', '.join(gone)} stopped" if gone else ""
@@ -268,7 +268,7 @@ class TorchComm(Comm):
         with self._guard(f"gathering sampled rows {tuple(width)}"):
             self.dist.all_gather(parts, x, group=self.group)
         self._bytes["cat_all"] += x.numel() * x.element_size() * self.world
-        return torch.cat([p[:n].to(t.device) for p, n in zip(parts, rows, strict=False)])
+        return torch.cat([p[:n].to(t.device) for p, n in zip(parts, rows, strict=True)])
 
     def broadcast(self, tensors: list[torch.Tensor | None], src: int) -> list[torch.Tensor | None]:
         head = [None if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors]
@@ -276,7 +276,7 @@ class TorchComm(Comm):
         with self._guard(f"receiving quantized weights from rank {src}"):
             self.dist.broadcast_object_list(box, src=self._global(src), group=self.group)
             out = []
-            for t, h in zip(tensors, box[0], strict=False):
+            for t, h in zip(tensors, box[0], strict=True):
                 if h is None:
                     out.append(None)
                     continue

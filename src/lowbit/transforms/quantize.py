@@ -51,6 +51,12 @@ def register_handler(config_type: type[QuantConfig], distributed: bool = False) 
     return deco
 
 
+def check_distributed(config: QuantConfig) -> None:
+    """``LowbitError`` unless ``config``'s handler runs distributed (``register_handler``)."""
+    if type(config) not in DISTRIBUTED:
+        raise LowbitError(f"{type(config).__name__} does not run distributed: quantize in one process")
+
+
 @dataclass
 class QuantSummary:
     """What ``quantize_`` did: fqn -> description of quantized modules; fqn -> reason for skipped ones."""
@@ -217,8 +223,7 @@ def quantize_(
     empty = {f: why for f, why in zero_size_layers(model).items() if select(f)}
     select = Selector(include, exclude, skip=empty)
     if comm is not None and comm.world > 1:
-        if type(config) not in DISTRIBUTED:
-            raise LowbitError(f"{type(config).__name__} does not run distributed: quantize in one process")
+        check_distributed(config)
         calib = None if calib is None else list(calib)
         facts = {"config": config.to_dict(), "include": list(include), "exclude": list(exclude)}
         facts |= {"model": model_facts(model), "calib": None if calib is None else digest_batches(calib)}
