@@ -19,6 +19,7 @@ RANK = {
     "data": 1,
     "models": 5,  # bundled models train on bundled data and use lowbit.nn's float Add (lowbit.models.vision)
     "export": 6,
+    "qat": 6,  # training twins over nn/transforms; deploys through lowbit.nn layers
     "eval": 6,
     "workflows": 7,
     "cli": 8,

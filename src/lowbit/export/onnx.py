@@ -15,6 +15,8 @@ Runtime's own quantizer writes QDQ models:
 |                   | (``requantize_output`` False: none; the bias stays float except in a Gemm)     |
 | ``QStaticAdd``    | QuantizeLinear -> DequantizeLinear after its Add node (found by scope name)     |
 | few-channel conv  | a Pad of zero-point codes between the input's Q and DQ, and zero weight columns |
+| < 8-bit codes     | a Clip to the format's code range between Q and DQ (weights: int8 initializers  |
+|                   | holding the narrower codes; binary weights as -1/+1)                            |
 
 Exported layer patterns: ``Conv``, ``Gemm`` (2-d Linear) and ``Transpose(W) -> MatMul -> Add(b)``
 (Linear on 3-d input). A Gemm whose output stays float still gets the int32 bias, so that ONNX Runtime
@@ -45,10 +47,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.core.codec import decode
 from lowbit.core.errors import LowbitError
 from lowbit.core.fsio import atomic_write_bytes
-from lowbit.kernels.integer import integer_params
+from lowbit.kernels.integer import integer_params, weight_values
 from lowbit.nn.modules import QuantizedWeightModule
 from lowbit.nn.static import Add, QStaticAdd, QStaticConv2d, QStaticLinear
 
@@ -219,15 +220,23 @@ class _QDQRewriter:
         kw = {"axis": axis} if axis is not None else {}
         self.new_nodes.append(helper.make_node("DequantizeLinear", [src, scale, zp], [out], **kw))
 
-    def _qdq(self, src: str, out: str, scale: float, zp: np.ndarray, tag: str, pad: int = 0) -> None:
+    def _qdq(
+        self, src: str, out: str, scale: float, zp: np.ndarray, tag: str, pad: int = 0, fmt=None
+    ) -> None:
         """QuantizeLinear -> DequantizeLinear from ``src`` to ``out``; ``pad`` > 0 appends that many
-        channels (dim 1) of zero-point codes between the two."""
+        channels (dim 1) of zero-point codes between the two; a ``fmt`` narrower than 8 bits clips
+        the codes to its range between the two (``Clip``)."""
         from onnx import helper
 
         s = self._add_init(f"{tag}_scale", np.array(scale, np.float32))
         z = self._add_init(f"{tag}_zero_point", zp)
         codes = f"{tag}_q"
         self.new_nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [codes]))
+        if fmt is not None and fmt.bits < 8:
+            lo = self._add_init(f"{tag}_qmin", np.array(fmt.qmin, zp.dtype))
+            hi = self._add_init(f"{tag}_qmax", np.array(fmt.qmax, zp.dtype))
+            self.new_nodes.append(helper.make_node("Clip", [codes, lo, hi], [f"{codes}_clipped"]))
+            codes = f"{codes}_clipped"
         if pad:
             pads = self._add_init(f"{tag}_pads", np.array([0, 0, 0, 0, 0, pad, 0, 0], np.int64))
             value = self._add_init(f"{tag}_pad_value", zp.reshape(()))
@@ -236,7 +245,7 @@ class _QDQRewriter:
         self._dq(codes, s, z, out)
 
     def _weights(self, fqn: str, q, transpose: bool, pad: int = 0) -> tuple[str, str, str]:
-        codes = decode(q.qweight, q.spec.fmt, q.cols).numpy()
+        codes = weight_values(q).numpy()
         codes = codes.reshape(q.weight_shape) if isinstance(q, QStaticConv2d) else codes
         if pad:  # zero weights for the zero input channels _qdq appends
             codes = np.pad(codes, [(0, 0), (0, pad), (0, 0), (0, 0)])
@@ -260,9 +269,9 @@ class _QDQRewriter:
         one tensor alike (q/k/v projections) share one pair, as ONNX Runtime's quantizer writes it."""
         src, scale = node.input[index], float(q.input_scale)
         zp = q.input_zero_point.numpy().copy()
-        key = (src, scale, zp.dtype.str, zp.tobytes(), pad)
+        key = (src, scale, zp.dtype.str, zp.tobytes(), pad, q.act_spec.format)
         if key not in self.input_dq:
-            self._qdq(src, f"{fqn}.input_dq", scale, zp, f"{fqn}.input", pad)
+            self._qdq(src, f"{fqn}.input_dq", scale, zp, f"{fqn}.input", pad, q.act_spec.fmt)
             self.input_dq[key] = f"{fqn}.input_dq"
         node.input[index] = self.input_dq[key]
 
@@ -278,7 +287,7 @@ class _QDQRewriter:
         raw = f"{fqn}.output_float"
         producer.output[list(producer.output).index(out_name)] = raw
         zp = q.output_zero_point.numpy().copy()
-        self._qdq(raw, out_name, float(q.output_scale), zp, f"{fqn}.output")
+        self._qdq(raw, out_name, float(q.output_scale), zp, f"{fqn}.output", fmt=q.act_spec.fmt)
 
     def _weight_axis0(self, fqn: str, q, node, wname: str, pad: int = 0) -> None:
         w, s, z = self._weights(fqn, q, transpose=False, pad=pad)

@@ -13,7 +13,8 @@ False stop at the accumulator (ONNX Runtime's MatMulIntegerToFloat)::
     y = float32(sum((xq - x_zp) * wq)) * float32(x_scale * w_scale[c]) + bias
 
 The products are summed in float64, which holds every such sum exactly (|acc| < 2**53), then handled
-as int64. Weights are int8 symmetric (zero point 0), one scale per output channel.
+as int64. Weights are symmetric (zero point 0), one scale per output channel: int8 codes, narrower
+integer codes, or binary levels -1/+1 (``weight_values``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,17 @@ def dequantize_activation(codes: Tensor, layer, side: str = "output") -> Tensor:
     return dequantize(codes, scale, zp, layer.act_spec)
 
 
+def weight_values(layer) -> Tensor:
+    """Integer weight values ``(rows, cols)`` of a static layer: the codes, or a codebook's levels
+    (``binary``: -1 and +1), in float64."""
+    codes = decode(layer.qweight, layer.spec.fmt, layer.cols)
+    if layer.spec.fmt.kind != "codebook":
+        return codes.double()
+    return torch.tensor(layer.spec.fmt.levels, dtype=torch.float64)[codes.long()]
+
+
 def _weight_codes(layer) -> Tensor:
-    return prepared(layer, "int_weight", lambda: decode(layer.qweight, layer.spec.fmt, layer.cols).double())
+    return prepared(layer, "int_weight", lambda: weight_values(layer))
 
 
 def integer_params(layer) -> tuple[Tensor | None, Tensor, Tensor]:

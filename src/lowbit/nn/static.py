@@ -1,9 +1,11 @@
 """Statically quantized layers (W8A8 with calibrated activation ranges): ``QStaticLinear``, ``QStaticConv2d``,
 ``QStaticAdd``.
 
-Weights are stored like ``QLinear``'s (int8 symmetric, one scale per output channel; a conv weight
-``(out, in / groups, kh, kw)`` is held as ``(out, in / groups * kh * kw)`` rows). Activations have fixed
-per-tensor qparams found by calibration, one pair for the input and one for the output:
+Weights are stored like ``QLinear``'s (symmetric, one scale per output channel; int8 from ``StaticW8A8``,
+int2..int7, ternary or binary from quantization-aware training; a conv weight ``(out, in / groups, kh, kw)``
+is held as ``(out, in / groups * kh * kw)`` rows). Activations have fixed per-tensor qparams found by
+calibration or training (uint8/int8, or 2..7-bit codes held in those dtypes), one pair for the input and
+one for the output:
 
 | buffer                                  | shape | dtype                                   |
 |-----------------------------------------|-------|-----------------------------------------|
@@ -41,12 +43,47 @@ ACTIVATION_SPECS = {
 }
 
 
+def activation_spec(bits: int, symmetric: bool = False) -> QuantSpec:
+    """Per-tensor activation spec of ``bits``: ``int{bits}`` symmetric (2..8) or ``uint{bits}`` with a
+    zero point (1..8). Codes are held as uint8/int8 whatever the width (``requantize`` clamps to the
+    format)."""
+    low = 2 if symmetric else 1
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= 8:
+        raise LowbitError(
+            f"{'symmetric ' if symmetric else ''}activation bits must be {low}..8, got {bits!r}"
+        )
+    return QuantSpec(f"int{bits}" if symmetric else f"uint{bits}", symmetric, PerTensor(), "float32")
+
+
+def static_spec_problem(spec: QuantSpec, act_spec: QuantSpec) -> str | None:
+    """Why a static layer cannot hold ``spec`` weights and ``act_spec`` activations, or None.
+
+    Weights: symmetric, one float32 scale per output channel, an integer format (int2..int8, ternary)
+    or ``binary`` (levels -1 and +1). Activations: ``activation_spec(bits, symmetric)``.
+    """
+    fmt = spec.fmt
+    weight_ok = fmt.kind == "int" or fmt.name == "binary"
+    if not (
+        weight_ok and spec.symmetric and spec.granularity == PerChannel(0) and spec.scale_dtype == "float32"
+    ):
+        return (
+            f"static weights must be symmetric integer/binary codes per output channel (float32), got {spec}"
+        )
+    act = act_spec.fmt
+    if act.kind != "int" or act_spec.granularity != PerTensor() or act_spec.clip_ratio != 1:
+        return f"static activations must be int/uint codes (1..8 bits) per tensor, got {act_spec}"
+    if act_spec != activation_spec(act.bits, act.qmin < 0):
+        return f"static activations must be int<b> symmetric or uint<b> asymmetric (float32), got {act_spec}"
+    return None
+
+
 class StaticActivations:
     """Mixin: calibrated per-tensor qparams of a layer's input and output activations."""
 
     def _init_activation_buffers(self, act_spec: QuantSpec) -> None:
-        if act_spec not in ACTIVATION_SPECS.values():
-            raise LowbitError(f"static activations must be one of {list(ACTIVATION_SPECS)}, got {act_spec}")
+        problem = static_spec_problem(self.spec, act_spec)
+        if problem:
+            raise LowbitError(problem)
         self.act_spec = act_spec
         self.requantize_output = True
         for side in ("input", "output"):
@@ -193,8 +230,9 @@ class QStaticAdd(QuantizedModule):
 
     def __init__(self, act_spec: QuantSpec = ACTIVATION_SPECS["uint8"]) -> None:
         super().__init__()
-        if act_spec not in ACTIVATION_SPECS.values():
-            raise LowbitError(f"static activations must be one of {list(ACTIVATION_SPECS)}, got {act_spec}")
+        problem = static_spec_problem(WEIGHT_SPEC, act_spec)
+        if problem:
+            raise LowbitError(problem)
         self.act_spec = act_spec
         self.register_buffer("output_scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("output_zero_point", torch.zeros((), dtype=act_spec.fmt.torch_dtype))
