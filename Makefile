@@ -14,7 +14,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
 .PHONY: venv fashion-mnist qwen bench-venv demo test test-fast lint format bench bench-quality bench-speed \
-	bench-static bench-gptq bench-dist clean
+	bench-static bench-gptq bench-dist bench-qat clean
 
 venv: $(STAMP)
 
@@ -82,6 +82,11 @@ SAMPLES ?= 64
 SEQ_LEN ?= 512
 bench-gptq: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/gptq_llmcompressor.py --samples $(SAMPLES) --seq-len $(SEQ_LEN)
+
+# QAT of the bundled CNNs: PTQ at step 0 vs QAT (2000 steps each) vs torchao's QAT, side by side (~30 min).
+# Fashion-MNIST is read from $(VENV)'s unpacked copy.
+bench-qat: $(STAMP) $(BENCH_STAMP)
+	LOWBIT_FASHION_MNIST=$(FMNIST) $(BENCH_PY) benchmarks/qat_cnn.py --peer
 
 bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py

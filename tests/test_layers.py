@@ -21,6 +21,7 @@ RANK = {
     "export": 6,
     "qat": 6,  # training twins over nn/transforms; deploys through lowbit.nn layers
     "eval": 6,
+    "training": 6.5,  # the QAT job (lowbit.qat + export), called by workflows
     "workflows": 7,
     "cli": 8,
 }

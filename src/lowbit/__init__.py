@@ -13,7 +13,7 @@
     lowbit.quantize_(model, gptq, calib)
     lowbit.quantize_folder(lowbit.models.cached_folder("smollm2-135m"), gptq, "out/gptq", calib)
 
-Importing lowbit loads torch only: no CUDA initialisation, no model or data access. ``models``,
+Importing lowbit loads torch only: no CUDA initialisation, no model or data access. ``models``, ``qat``,
 ``data``, ``eval`` and ``workflows`` are imported on first use.
 """
 
@@ -48,7 +48,7 @@ from lowbit.transforms.comm import TorchComm
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "data", "eval", "workflows")
+_LAZY = ("models", "data", "eval", "qat", "workflows")
 
 __all__ = [
     "CheckpointError",

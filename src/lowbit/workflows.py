@@ -21,7 +21,8 @@ from lowbit.transforms import Int8Dynamic, SmoothQuant, StaticW8A8, WeightOnly, 
 from lowbit.transforms.comm import SOLO
 from lowbit.transforms.quantize import check_distributed
 
-TASKS = ("wiki-ppl",)
+TASKS = ("wiki-ppl", "mnist", "fashion-mnist", "photos")
+VISION_TASKS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "photos": "photos"}
 CALIB_SOURCES = ("photos", "mnist", "fashion-mnist", "sentences", "wiki")
 
 
@@ -103,12 +104,20 @@ def quantize_and_save(
     overwrite: bool = False,
     progress: bool = True,
     distributed: bool = False,
+    train: dict | None = None,
 ) -> dict:
     """Quantize model ``ref`` with ``scheme`` (e.g. ``w4g128``, or ``w8a8-static`` with ``calib`` such
     as ``photos:512`` and an ``observer``) by ``method`` (``gptq`` with ``calib`` ``wiki:128x512``...)
     and save it to ``out``; returns stats. ``streaming``: read, quantize and stage one decoder block at
     a time from the model's safetensors folder (``lowbit.export.streaming``; resumable).
-    ``distributed``: this process is one rank of a ``torchrun`` launch (``_quantize_distributed``)."""
+    ``distributed``: this process is one rank of a ``torchrun`` launch (``_quantize_distributed``).
+    ``method="qat"``: quantization-aware training (``lowbit.training``; scheme ``w4a4``, ``wta8``...,
+    ``calib`` the training data); ``train``: ``lowbit.qat.TrainOptions`` fields (steps, lr) and
+    ``batch_size``."""
+    if method == "qat":
+        if distributed or streaming or observer:
+            raise LowbitError("--method qat takes none of --distributed, --streaming, --observer")
+        return _train_and_save(ref, scheme, out, calib, (include, exclude), overwrite, progress, train)
     if distributed:
         args = {"ref": str(ref), "scheme": scheme, "out": str(out), "method": method, "calib": calib}
         args |= {"include": list(include), "exclude": list(exclude), "observer": observer}
@@ -116,6 +125,26 @@ def quantize_and_save(
         return _quantize_distributed(args, progress)
     return _quantize_and_save(ref, scheme, out, method, include, exclude, calib, observer, streaming,
                               overwrite, progress)  # fmt: skip
+
+
+def _train_and_save(ref, scheme, out, calib, selection, overwrite, progress, train: dict | None) -> dict:
+    from lowbit import training
+    from lowbit.qat import TrainOptions, parse_qat_scheme
+
+    config = parse_qat_scheme(scheme)
+    if calib is None:
+        raise LowbitError("--method qat needs training data, e.g. --calib fashion-mnist:60000 or photos:512")
+    source, n, _ = _calib_source(calib)
+    train = dict(train or {})
+    batch_size = train.pop("batch_size", 128)
+    options = TrainOptions(**{k: v for k, v in train.items() if v is not None})
+    out = check_target(out, overwrite)
+    data = training.training_set(source, n)
+    model, tok = load_any(ref, progress)
+    training.check_trainable(model, tok, ref)
+    stats = training.train_and_save(model, config, out, data, options, batch_size=batch_size,
+                                    selection=selection, overwrite=overwrite, progress=progress)  # fmt: skip
+    return {"model": str(ref), "scheme": scheme, "method": "qat", "out": str(out), **stats}
 
 
 def _quantize_distributed(args: dict, progress: bool) -> dict:
@@ -233,6 +262,8 @@ def evaluate(
     """Run ``task`` on model ``ref``; returns a JSON-ready dict. ``verify``: see ``load_any``."""
     if task not in TASKS:
         raise LowbitError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    if task in VISION_TASKS:
+        return _evaluate_vision(ref, task, progress, verify)
     from lowbit.data import eval_tokens
     from lowbit.eval.perplexity import perplexity
 
@@ -247,6 +278,32 @@ def evaluate(
         "window": window,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _evaluate_vision(ref, task: str, progress: bool, verify: bool) -> dict:
+    """Top-1 accuracy on the test split (``mnist``, ``fashion-mnist``), or top-1 agreement with the float
+    model on the 480 evaluation photo crops (``photos``; the float model from the checkpoint's source)."""
+    from lowbit import models
+    from lowbit.data import vision
+    from lowbit.eval.accuracy import accuracy, agreement, predict
+
+    model, tok = load_any(ref, progress, verify)
+    if tok is not None:
+        raise LowbitError(f"--task {task} evaluates image classifiers; {ref} is a language model")
+    t0 = time.perf_counter()
+    try:
+        if task == "photos":
+            images = vision.photo_crops("eval")
+            source = getattr(model, "lowbit_source", None) or str(ref)
+            reference = predict(models.load(source, progress=progress)[0], images)
+            result = {"accuracy": agreement(model, reference, images), "reference": f"{source} (float)"}
+        else:
+            images, labels = (vision.mnist if task == "mnist" else vision.fashion_mnist)("test")
+            result = {"accuracy": accuracy(model, images, labels), "reference": "labels"}
+    except RuntimeError as e:
+        raise LowbitError(f"{ref} does not take {task} images: {str(e).splitlines()[0][:160]}") from None
+    seconds = round(time.perf_counter() - t0, 2)
+    return {"model": str(ref), "task": task, **result, "images": len(images), "seconds": seconds}
 
 
 @dataclass

@@ -9,12 +9,12 @@ qat.convert(model)                                # -> QStaticConv2d / QStaticLi
 lowbit.save(model, "out/w4a4")
 """
 
-from lowbit.qat.config import QATConfig
+from lowbit.qat.config import QATConfig, parse_qat_scheme
 from lowbit.qat.fake import FakeQuantizer, grad_scale, round_ste
 from lowbit.qat.loss import HiddenMatch, Objective, cross_entropy, distillation, quantization_error
 from lowbit.qat.modules import QATConv2d, QATConvBn2d, QATLinear
 from lowbit.qat.prepare import convert, fake_quantizers, prepare, qat_modules
-from lowbit.qat.train import TrainOptions, TrainResult, shuffled, train
+from lowbit.qat.trainer import TrainOptions, TrainResult, shuffled, train
 
 __all__ = [
     "HiddenMatch",
@@ -28,6 +28,7 @@ __all__ = [
     "train",
     "FakeQuantizer",
     "QATConfig",
+    "parse_qat_scheme",
     "QATConv2d",
     "QATConvBn2d",
     "QATLinear",

@@ -22,10 +22,14 @@
 |                       | the weight is quantized after folding, so the deployed conv folds exactly     |
 | `freeze_bn_after`     | training steps after which BatchNorm statistics freeze (None: never;          |
 |                       | ``lowbit.qat.train`` counts steps)                                            |
+| `bit_budget`          | learn each layer's weight bit width (``lowbit.qat.bits``) under this mean    |
+|                       | (weighted by weight count, 2..8); ``weights`` gives the starting width        |
+| `freeze_bits_after`   | step at which the widths become integers and stay (None: half the steps)      |
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lowbit.core.errors import LowbitError
@@ -55,6 +59,8 @@ class QATConfig(QuantConfig):
     weight_observer: str = "mse"
     fold_bn: bool = True
     freeze_bn_after: int | None = None
+    bit_budget: float | None = None
+    freeze_bits_after: int | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -89,6 +95,13 @@ class QATConfig(QuantConfig):
             raise LowbitError(f"weight_observer must be 'mse' or 'minmax', got {self.weight_observer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise LowbitError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.bit_budget is not None:
+            if not 2.0 <= self.bit_budget <= 8.0:
+                raise LowbitError(f"bit_budget must be a mean of 2..8 bits, got {self.bit_budget}")
+            if not self.weights.startswith("int") or self.weight_learning != "lsq":
+                raise LowbitError("learned bit widths need int<b> weights and weight_learning='lsq'")
+        if self.freeze_bits_after is not None and self.freeze_bits_after < 0:
+            raise LowbitError(f"freeze_bits_after must be >= 0 or None, got {self.freeze_bits_after}")
         if self.freeze_bn_after is not None and self.freeze_bn_after < 0:
             raise LowbitError(f"freeze_bn_after must be >= 0 or None, got {self.freeze_bn_after}")
 
@@ -110,3 +123,25 @@ class QATConfig(QuantConfig):
     def weight_bits(self) -> float:
         """Bits per stored weight code (ternary: 2)."""
         return float(QuantSpec(self.weights).fmt.bits)
+
+
+_SCHEME = re.compile(r"w(?P<w>[1-8]|t)(?:g(?P<group>\d+))?(?:a(?P<act>\d))?")
+
+
+def parse_qat_scheme(scheme: str) -> QATConfig:
+    """``QATConfig`` of a CLI scheme ``w<W>[g<group>][a<A>]``: ``W`` 2..8 (int, symmetric), ``1`` (binary)
+    or ``t`` (ternary); ``A`` 1..8 activation bits (uint with a zero point); no ``a``: weight-only.
+    ``w8a8-static`` reads as ``w8a8``. Examples: ``w4a4``, ``wta8``, ``w1a8``, ``w2a2``, ``w4g32``."""
+    text = scheme.strip().lower().removesuffix("-static")
+    m = _SCHEME.fullmatch(text)
+    if not m:
+        raise LowbitError(
+            f"unknown QAT scheme {scheme!r}; expected w<bits>[g<group>][a<bits>] with weight bits 1..8 "
+            "(1: binary) or t (ternary), e.g. w4a4, wta8, w1a8, w4g32"
+        )
+    weights = {"1": "binary", "t": "ternary"}.get(m["w"], f"int{m['w']}")
+    act = int(m["act"]) if m["act"] else None
+    if act is not None and not 1 <= act <= 8:
+        raise LowbitError(f"scheme {scheme!r}: activation bits must be 1..8")
+    group = int(m["group"]) if m["group"] else None
+    return QATConfig(weights=weights, group_size=group, activation_bits=act)

@@ -1,8 +1,11 @@
 """Fake quantization for training: ``x -> dequantize(quantize(x))`` with straight-through gradients and
 learnable qparams.
 
-``FakeQuantizer`` holds one ``scale`` parameter (and, for asymmetric integer codes, a ``zero_point``
-parameter kept as a float and rounded in the forward) and computes, for integer formats::
+``FakeQuantizer`` learns its step size in the log domain, ``s = exp(log_scale)`` (Adam moves a parameter
+by about the learning rate per step whatever its gradient, so a raw step size of 0.02 would reach zero in
+a few dozen steps at lr 1e-3; in the log domain a step changes it by about 0.1%, and it stays positive),
+plus, for asymmetric integer codes, a ``zero_point`` parameter kept as a float and rounded in the
+forward. For integer formats::
 
     q  = clamp(round(x / s) + round(z), qmin, qmax)   # round: gradient 1 (straight-through estimator)
     x' = (q - round(z)) * s
@@ -22,6 +25,12 @@ Learning modes:
 | `pact`  | clip ``alpha = s * qmax`` | ``y = clamp(x, 0, alpha)``, ``q = round(y / s)`` with ``s`` held  |
 |         |                       | constant: ``dx'/dalpha = 1`` where ``x >= alpha`` (PACT, Choi 2018)   |
 | `fixed` | nothing               | as above                                                            |
+| `bits`  | scale and bit width   | symmetric weights with a learned bit width ``b`` (one per layer,     |
+|         |                       | 2..8, real-valued): ``L = 2^(b-1) - 1`` levels each side,             |
+|         |                       | ``x' = round(clamp(x, -s L, s L) / s) s``, differentiable in ``b``    |
+|         |                       | through the clipping range (Uhlich et al. 2020); ``fix_bits(n)``      |
+|         |                       | keeps the range ``s L``, rounds ``b`` to ``n`` and continues as       |
+|         |                       | ``lsq`` on ``int{n}``                                               |
 
 ``binary`` (levels -1, +1): ``x' = s * sign(x / s)`` (``+1`` for ``x / s > 0``), gradient 1 for
 ``|x / s| <= 1`` (clipped straight-through), LSQ-style step gradient.
@@ -40,7 +49,9 @@ from torch import Tensor, nn
 from lowbit.core.errors import LowbitError, NonFiniteError
 from lowbit.core.spec import QuantSpec
 
-MODES = ("lsq", "lsq+", "pact", "fixed")
+MODES = ("lsq", "lsq+", "pact", "fixed", "bits")
+BIT_RANGE = (2.0, 8.0)  # "bits" mode
+MIN_SCALE = 1e-12  # step sizes are floored here (x / s and its gradient x / s^2 stay finite)
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -49,8 +60,9 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 def grad_scale(x: Tensor, g: float) -> Tensor:
-    """``x`` in the forward, gradient multiplied by ``g``."""
-    return (x - x * g).detach() + x * g
+    """``x`` in the forward (bit for bit: ``x + (y - y)``, ``y = x * g``), gradient multiplied by ``g``."""
+    y = x * g
+    return x.detach() + (y - y.detach())
 
 
 class FakeQuantizer(nn.Module):
@@ -72,20 +84,61 @@ class FakeQuantizer(nn.Module):
             )
         self.spec, self.mode, self.name = spec, mode, name
         self.qmin, self.qmax = (fmt.qmin, fmt.qmax) if fmt.kind == "int" else (-1, 1)
-        self.scale = nn.Parameter(torch.ones(shape), requires_grad=mode != "fixed")
+        self.log_scale = nn.Parameter(torch.zeros(shape), requires_grad=mode != "fixed")
         has_zp = fmt.kind == "int" and not spec.symmetric
         zp = nn.Parameter(torch.zeros(shape), requires_grad=mode == "lsq+") if has_zp else None
         self.zero_point = zp
         self.register_buffer("initialized", torch.tensor(False))
         self.observer = None  # set by ``observe``: forwards feed it and return x unchanged
+        if mode == "bits":
+            if fmt.kind != "int" or not spec.symmetric:
+                raise LowbitError(f"{name}: learned bit widths need symmetric int weights, got {fmt.name}")
+            self.bit_width = nn.Parameter(torch.tensor(float(fmt.bits)))
+            self.register_buffer("fixed_bits", torch.tensor(0))  # > 0 once fix_bits ran (survives a resume)
+            self.register_load_state_dict_post_hook(lambda module, keys: module._restore_bits())
+
+    def _restore_bits(self) -> None:
+        if self.mode == "bits" and int(self.fixed_bits) > 0:
+            self._apply_fixed()  # fixed before the checkpoint was written
+
+    def bits(self) -> Tensor:
+        """Bit width: learned (``bit_width`` in 2..8, differentiable) or the format's."""
+        if self.mode != "bits":
+            return torch.tensor(float(self.spec.fmt.bits))
+        return self.bit_width.clamp(*BIT_RANGE)
+
+    def levels(self) -> Tensor:
+        """Levels on each side of zero of a "bits" quantizer, ``2^(b-1) - 1`` (real-valued)."""
+        return torch.exp2(self.bits() - 1.0) - 1.0
+
+    def fix_bits(self, bits: int) -> None:
+        """End bit-width learning: ``int{bits}`` codes from now on, step sizes still learned (``lsq``)."""
+        if not 2 <= bits <= 8:
+            raise LowbitError(f"{self.name}: bit width must be 2..8, got {bits}")
+        with torch.no_grad():
+            self.log_scale.add_(torch.log(self.levels() / ((1 << (bits - 1)) - 1)))  # same range, new step
+        self.fixed_bits.fill_(bits)
+        self._apply_fixed()
+
+    def _apply_fixed(self) -> None:
+        bits = int(self.fixed_bits)
+        self.spec = QuantSpec(f"int{bits}", True, self.spec.granularity, self.spec.scale_dtype)
+        self.qmin, self.qmax, self.mode = self.spec.fmt.qmin, self.spec.fmt.qmax, "lsq"
+        self.bit_width.requires_grad_(False)
 
     def extra_repr(self) -> str:
-        return f"{self.spec.format}, {self.mode}, scale {tuple(self.scale.shape)}"
+        return f"{self.spec.format}, {self.mode}, scale {tuple(self.log_scale.shape)}"
+
+    @property
+    def scale(self) -> Tensor:
+        """The step size, ``exp(log_scale)`` (differentiable)."""
+        return torch.exp(self.log_scale)
 
     @torch.no_grad()
     def set_qparams(self, scale: Tensor, zero_point: Tensor | None) -> None:
         """Initial qparams (``scale`` > 0, broadcastable to ``self.scale``; zero point in code units)."""
-        self.scale.copy_(scale.float().reshape(self.scale.shape))
+        tiny = torch.finfo(torch.float32).tiny
+        self.log_scale.copy_(torch.log(scale.float().clamp_min(tiny)).reshape(self.log_scale.shape))
         if self.zero_point is not None:
             zp = zero_point if zero_point is not None else torch.zeros(())
             self.zero_point.copy_(zp.float().reshape(self.zero_point.shape).expand_as(self.zero_point))
@@ -94,7 +147,7 @@ class FakeQuantizer(nn.Module):
     def qparams(self) -> tuple[Tensor, Tensor | None]:
         """Deployable ``(scale float32, zero point in the code dtype or None)``, as the forward uses them."""
         self.check_finite()
-        scale = self.scale.detach().float().clamp_min(torch.finfo(torch.float32).tiny)
+        scale = self.scale.detach().float().clamp_min(MIN_SCALE)
         if self.zero_point is None:
             return scale, None
         zp = torch.round(self.zero_point.detach()).clamp(self.qmin, self.qmax)
@@ -102,11 +155,12 @@ class FakeQuantizer(nn.Module):
 
     def check_finite(self) -> None:
         """``NonFiniteError`` naming this quantizer when a qparam is NaN, Inf or a scale is <= 0."""
-        for what, t in (("scale", self.scale), ("zero_point", self.zero_point)):
-            if t is not None and not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"{self.name}: {what} became {float(t[~torch.isfinite(t)][0])}")
-        if not bool((self.scale > 0).all()):
-            raise NonFiniteError(f"{self.name}: scale became {float(self.scale.min()):.3g} (<= 0)")
+        with torch.no_grad():
+            for what, t in (("scale", self.scale), ("zero_point", self.zero_point)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(f"{self.name}: {what} became {float(t[~torch.isfinite(t)][0])}")
+            if not bool((self.scale > 0).all()):
+                raise NonFiniteError(f"{self.name}: scale became {float(self.scale.min()):.3g} (<= 0)")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observer is not None:
@@ -114,8 +168,8 @@ class FakeQuantizer(nn.Module):
             return x
         if not bool(self.initialized):
             raise LowbitError(f"{self.name}: fake quantizer used before its qparams were set")
-        per_scale = max(1, x.numel() // max(1, self.scale.numel()))
-        s = self.scale.clamp_min(torch.finfo(torch.float32).tiny)
+        per_scale = max(1, x.numel() // max(1, self.log_scale.numel()))
+        s = self.scale.clamp_min(MIN_SCALE)
         if self.mode != "fixed":
             s = grad_scale(s, 1.0 / math.sqrt(per_scale * max(1, self.qmax)))
         if self.spec.fmt.name == "binary":
@@ -123,6 +177,9 @@ class FakeQuantizer(nn.Module):
             clipped = v.clamp(-1.0, 1.0)
             sign = torch.where(v > 0, 1.0, -1.0).to(x.dtype)
             return (clipped + (sign - clipped).detach()) * s
+        if self.mode == "bits":
+            bound = s * self.levels()
+            return round_ste(torch.maximum(torch.minimum(x, bound), -bound) / s) * s
         if self.mode == "pact":
             y = torch.minimum(torch.relu(x), s * self.qmax)
             s = s.detach()

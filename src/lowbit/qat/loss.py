@@ -9,6 +9,7 @@
 |                        | modules (forward hooks), for training without labels on deep models        |
 | ``quantization_error`` | mean over layers of ``||W - fq(W)||^2 / ||W||^2``: pulls weights toward     |
 |                        | their grid                                                                  |
+| ``bit_penalty``        | mean weight bit width above ``QATConfig.bit_budget`` (``lowbit.qat.bits``)   |
 
 ``Objective`` adds weighted terms; ``lowbit.qat.train`` builds one from its arguments.
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.core.errors import LowbitError
+from lowbit.qat.bits import bit_penalty, learned_bits
 from lowbit.qat.modules import qat_modules
 
 
@@ -107,13 +109,15 @@ class HiddenMatch:
 @dataclass
 class Objective:
     """``task_weight * L_task + distill_weight * L_distill + quant_weight * L_quant (+ hidden_weight *
-    L_hidden)``. The task term needs labels, the distillation term a teacher's logits."""
+    L_hidden) + bits_weight * L_bits``. The task term needs labels, the distillation term a teacher's
+    logits."""
 
     task_weight: float = 1.0
     distill_weight: float = 0.0
     quant_weight: float = 0.0
     hidden_weight: float = 0.0
     temperature: float = 1.0
+    bits_weight: float = 1.0  # size term while bit widths are learned (QATConfig.bit_budget)
 
     def __call__(self, model: nn.Module, logits: Tensor, labels: Tensor | None, teacher: Tensor | None,
                  hidden: HiddenMatch | None = None) -> dict[str, Tensor]:  # fmt: skip
@@ -129,6 +133,9 @@ class Objective:
             terms["distill"] = self.distill_weight * distillation(logits, teacher, self.temperature)
         if self.quant_weight:
             terms["quant"] = self.quant_weight * quantization_error(model)
+        budget = (getattr(model, "lowbit_qat", None) or {}).get("bit_budget")
+        if self.bits_weight and budget is not None and learned_bits(model):
+            terms["bits"] = self.bits_weight * bit_penalty(model, budget)
         if self.hidden_weight and hidden is not None:
             terms["hidden"] = self.hidden_weight * hidden.loss()
         if not terms:

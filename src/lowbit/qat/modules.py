@@ -13,7 +13,9 @@
 |               | deploys                                                                              |
 
 ``fq_in`` is None for weight-only training. ``deploy_weight()`` returns the float weight the weight
-quantizer sees (``W`` or ``W'``) and the bias that goes with it.
+quantizer sees (``W`` or ``W'``) and the bias that goes with it. With quantized inputs the bias is
+rounded (straight-through) to the grid the integer op holds it on, multiples of ``x_scale * w_scale[c]``
+(int32 codes; ``integer_bias``), so the deployed layer and ONNX Runtime's add exactly that bias.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.qat.fake import FakeQuantizer, weight_rows
+from lowbit.qat.fake import MIN_SCALE, FakeQuantizer, round_ste, weight_rows
+
+MIN_FACTOR = 1e-6  # |gamma / std| floor of the training forward, which divides by it (a dead channel)
 
 
 class QATModule(nn.Module):
@@ -39,6 +43,15 @@ class QATModule(nn.Module):
     def quantized_weight(self, weight: Tensor) -> Tensor:
         """``weight`` fake-quantized (same shape)."""
         return self.weight_fq(weight_rows(weight, self.group_size)).reshape(weight.shape)
+
+    def integer_bias(self, bias: Tensor | None) -> Tensor | None:
+        """``bias`` on the int32 grid of the integer op (module docstring); unchanged without input
+        quantization or before the input range is known."""
+        fq = self.input_fq
+        if bias is None or fq is None or fq.observer is not None or not bool(fq.initialized):
+            return bias
+        step = fq.scale.clamp_min(MIN_SCALE) * self.weight_fq.scale.clamp_min(MIN_SCALE).reshape(-1)
+        return round_ste(bias / step) * step
 
     def _input(self, x: Tensor) -> Tensor:
         return self.input_fq(x) if self.input_fq is not None else x
@@ -59,7 +72,7 @@ class QATLinear(QATModule):
         self._init_quantizers(weight_fq, input_fq, group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self._input(x), self.quantized_weight(self.weight), self.bias)
+        return F.linear(self._input(x), self.quantized_weight(self.weight), self.integer_bias(self.bias))
 
 
 CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
@@ -79,9 +92,8 @@ class QATConv2d(QATModule):
         self._init_quantizers(weight_fq, input_fq, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(
-            self._input(x), self.quantized_weight(self.weight), self.bias, **_conv_args(self.conv)
-        )
+        weight, bias = self.quantized_weight(self.weight), self.integer_bias(self.bias)
+        return F.conv2d(self._input(x), weight, bias, **_conv_args(self.conv))
 
 
 class QATConvBn2d(QATModule):
@@ -118,8 +130,10 @@ class QATConvBn2d(QATModule):
         x, args = self._input(x), _conv_args(self.conv)
         if not self.training or bool(self.frozen):
             weight, bias = self.deploy_weight()
-            return F.conv2d(x, self.quantized_weight(weight), bias, **args)
+            return F.conv2d(x, self.quantized_weight(weight), self.integer_bias(bias), **args)
         factor = self._factor()
+        tiny = torch.full_like(factor, MIN_FACTOR)
+        factor = torch.where(factor.abs() < MIN_FACTOR, torch.where(factor < 0, -tiny, tiny), factor)
         weight = self.quantized_weight(self.weight * factor.reshape(-1, 1, 1, 1))
         y = F.conv2d(x, weight, None, **args) / factor.reshape(1, -1, 1, 1)
         if self.bias is not None:

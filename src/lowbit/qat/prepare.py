@@ -19,6 +19,8 @@ its outputs equal the fake-quantized model's in eval mode up to float32 summatio
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -29,6 +31,7 @@ from lowbit.core.spec import PerChannel, QuantSpec
 from lowbit.nn.modules import QLinear, QuantizedModule
 from lowbit.nn.static import QStaticConv2d, QStaticLinear
 from lowbit.observers import make_observer
+from lowbit.qat.bits import fix_bit_widths
 from lowbit.qat.config import QATConfig
 from lowbit.qat.fake import FakeQuantizer, weight_rows
 from lowbit.qat.modules import QAT_MODULES, QATConv2d, QATConvBn2d, QATLinear, QATModule, qat_modules
@@ -76,7 +79,8 @@ def _twin(
     input_fq = FakeQuantizer(act, config.activation_learning, (), f"{fqn} input") if act else None
     weight_spec = QuantSpec(config.weights, True, PerChannel(0), "float32")
     rows = weight_rows(m.weight, config.group_size).shape[0]
-    weight_fq = FakeQuantizer(weight_spec, config.weight_learning, (rows, 1), f"{fqn}.weight")
+    mode = "bits" if config.bit_budget is not None else config.weight_learning
+    weight_fq = FakeQuantizer(weight_spec, mode, (rows, 1), f"{fqn}.weight")
     if isinstance(m, nn.Linear):
         twin = QATLinear(m, weight_fq, input_fq, config.group_size)
     elif bn is not None:
@@ -193,6 +197,7 @@ def _fallback_to_lsq_plus(model: nn.Module, fqn: str, fq: FakeQuantizer) -> None
 def _codes(twin: QATModule, spec: QuantSpec, name: str) -> tuple[QuantizedTensor, torch.Tensor | None]:
     """The deployed weight (codes ``(out, cols)`` of the learned scales) and bias of ``twin``."""
     weight, bias = twin.deploy_weight()
+    bias = twin.integer_bias(bias)
     scale, _ = twin.weight_fq.qparams()
     rows = weight_rows(weight.detach().float(), twin.group_size)
     row_spec = QuantSpec(spec.format, True, PerChannel(0), "float32")
@@ -206,7 +211,7 @@ def _codes(twin: QATModule, spec: QuantSpec, name: str) -> tuple[QuantizedTensor
 
 
 def _deployed(fqn: str, twin: QATModule, config: QATConfig) -> nn.Module:
-    spec = config.weight_spec()
+    spec = replace(config.weight_spec(), format=twin.weight_fq.spec.format)  # learned widths differ
     act = config.activation_spec()
     qt, bias = _codes(twin, spec, f"{fqn}.weight")
     if isinstance(twin, QATLinear):
@@ -238,6 +243,8 @@ def convert(model: nn.Module) -> QuantSummary:
     config = config_from_dict(model.lowbit_qat)
     summary = QuantSummary(config)
     with rollback_on_error(model):
+        if config.bit_budget is not None:
+            fix_bit_widths(model, config.bit_budget)
         for fqn, twin in twins.items():
             for fq in twin.quantizers().values():
                 fq.check_finite()

@@ -5,7 +5,8 @@ One step: forward the student (train mode) and, if given, the teacher (eval mode
 ``Objective`` (``lowbit.qat.loss``) gives the loss; AdamW steps every trainable parameter (weight decay
 on weights only, never on scales or zero points); the learning rate follows a linear warm-up then a
 cosine decay to 0. BatchNorm statistics of ``QATConvBn2d`` layers freeze after ``freeze_bn_after`` steps
-(from the options, else the model's ``QATConfig``).
+(from the options, else the model's ``QATConfig``); learned bit widths (``QATConfig.bit_budget``) become
+integers at ``QATConfig.freeze_bits_after`` (default: half the steps; the allocation is in the history).
 
 Checkpoint (``folder/qat-checkpoint.pt``, written atomically every ``every`` steps and at the end): model,
 optimizer and schedule state, the step, the loss history and a fingerprint of the config, options and
@@ -30,11 +31,13 @@ from tqdm.auto import tqdm
 
 from lowbit.core.errors import CheckpointError, LowbitError, NonFiniteError
 from lowbit.core.fsio import atomic_write_bytes
+from lowbit.qat.bits import fix_bit_widths, learned_bits
 from lowbit.qat.fake import FakeQuantizer
 from lowbit.qat.loss import HiddenMatch, Objective
 from lowbit.qat.modules import QATConvBn2d, qat_modules
 
 CHECKPOINT = "qat-checkpoint.pt"
+BITS_LR_SCALE = 10.0  # learned bit widths step at this multiple of the learning rate
 FORMAT = "lowbit-qat-checkpoint"
 
 
@@ -107,13 +110,16 @@ def _split(batch) -> tuple[Tensor, Tensor | None]:
 
 
 def _optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
-    qparams = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters()}
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+    bits = {id(m.bit_width) for m in fqs if m.mode == "bits"}
+    qparams = {id(p) for m in fqs for p in m.parameters()} - bits
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LowbitError("the model has no trainable parameter")
     groups = [
-        {"params": [p for p in params if id(p) not in qparams], "weight_decay": opts.weight_decay},
+        {"params": [p for p in params if id(p) not in qparams | bits], "weight_decay": opts.weight_decay},
         {"params": [p for p in params if id(p) in qparams], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in bits], "weight_decay": 0.0, "lr": opts.lr * BITS_LR_SCALE},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=opts.lr)
 
@@ -234,6 +240,9 @@ def train(
     matcher = HiddenMatch(model, teacher, hidden) if hidden and teacher is not None else None
     batches = data.iter_from(start) if hasattr(data, "iter_from") else _skip(data, start)
     freeze, t0 = _freeze_at(model, opts), time.perf_counter()
+    qat_config = getattr(model, "lowbit_qat", None) or {}
+    budget, freeze_bits = qat_config.get("bit_budget"), qat_config.get("freeze_bits_after")
+    freeze_bits = opts.steps // 2 if freeze_bits is None else freeze_bits
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -242,10 +251,12 @@ def train(
         for step in bar:
             if freeze is not None and step >= freeze:
                 _freeze_bn(model)
+            if step == freeze_bits and learned_bits(model):
+                history.append({"step": step, "bit_widths": fix_bit_widths(model, budget)})
             terms = _step(model, next(batches), teacher, objective, matcher)
             loss = terms["loss"]
             if not bool(torch.isfinite(loss)):
-                raise _blame(model, step, f"loss is {float(loss)}", path)
+                raise _blame(model, step, f"loss is {float(loss.detach())}", path)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -266,13 +277,12 @@ def train(
 
 @torch.no_grad()
 def _check_quantizers(model: nn.Module, step: int, path: Path | None) -> None:
-    """After a step: scales kept positive (projected to the smallest normal float32), qparams finite."""
+    """After a step: every learned qparam still finite, every step size positive."""
     for m in model.modules():
-        if isinstance(m, FakeQuantizer) and m.scale.requires_grad:
-            finite = bool(torch.isfinite(m.scale).all())
-            if not finite or (m.zero_point is not None and not bool(torch.isfinite(m.zero_point).all())):
-                raise _blame(model, step, "a quantizer's qparams stopped being finite", path)
-            m.scale.clamp_(min=torch.finfo(torch.float32).tiny)
+        if isinstance(m, FakeQuantizer) and m.log_scale.requires_grad:
+            ok = bool(torch.isfinite(m.scale).all()) and bool((m.scale > 0).all())
+            if not ok or (m.zero_point is not None and not bool(torch.isfinite(m.zero_point).all())):
+                raise _blame(model, step, "a quantizer's qparams left the finite positive range", path)
 
 
 def _freeze_bn(model: nn.Module) -> None:
