@@ -3,9 +3,10 @@ model and with torchao's QAT.
 
 For each row (model, scheme, target): the fp32 model's test accuracy; PTQ, the same ``lowbit.qat`` layers
 at step 0 (activation ranges from the percentile observer on 2,048 training images, weight scales by the
-MSE search) converted without training; QAT, the same start trained ``--steps`` steps (batch 128, AdamW,
+MSE search) converted without training; QAT, the same start trained (the row's steps, batch 128, AdamW,
 peak lr ``--lr``, cosine schedule, BatchNorm statistics frozen after 80% of the steps, cross-entropy on the
-training labels) and converted. Every lowbit accuracy is measured on the deployed, converted model
+training labels plus distillation from the fp32 model, as ``lowbit quantize --method qat`` does) and
+converted. Every lowbit accuracy is measured on the deployed, converted model
 (integer-only ``QStaticConv2d``/``QStaticLinear`` layers) over the full 10,000-image test split.
 
 torchao (``--peer``, in the benchmark environment, ``make bench-qat``): ``torchao.quantization.qat``
@@ -34,12 +35,13 @@ from lowbit.eval.accuracy import accuracy
 from lowbit.training import FREEZE_BN_AT, INIT_IMAGES
 
 RESULTS = Path(__file__).parent / "results"
-# (model, scheme, target: most points below fp32 the QAT row may be)
+OBJECTIVE = qat.Objective(task_weight=1.0, distill_weight=1.0)  # what `lowbit quantize --method qat` runs
+# (model, scheme, target: most points below fp32 the QAT row may be, training steps)
 ROWS = (
-    ("fashion-mnist-cnn", "w4a4", 0.5),
-    ("fashion-mnist-cnn", "wta8", 1.5),
-    ("fashion-mnist-cnn", "w1a8", 3.0),
-    ("mnist-cnn", "w2a2", 0.5),
+    ("fashion-mnist-cnn", "w4a4", 0.5, 2000),
+    ("fashion-mnist-cnn", "wta8", 1.5, 2000),
+    ("fashion-mnist-cnn", "w1a8", 3.0, 2000),
+    ("mnist-cnn", "w2a2", 0.5, 4000),
 )
 DATA = {"fashion-mnist-cnn": vision.fashion_mnist, "mnist-cnn": vision.mnist}
 
@@ -57,17 +59,19 @@ def deployed_accuracy(model: torch.nn.Module, test: tuple) -> float:
 
 def bench_row(name: str, scheme: str, target: float, steps: int, lr: float) -> dict:
     train, test = DATA[name]("train"), DATA[name]("test")
-    fp32 = round(accuracy(models.load(name, progress=False)[0], *test), 2)
+    teacher = models.load(name, progress=False)[0]
+    fp32 = round(accuracy(teacher, *test), 2)
     torch.manual_seed(0)
     ptq = deployed_accuracy(prepared(name, scheme, train[0]), test)
     model = prepared(name, scheme, train[0])
     opts = qat.TrainOptions(steps=steps, lr=lr, freeze_bn_after=int(FREEZE_BN_AT * steps))
     t0 = time.perf_counter()
-    qat.train(model, qat.shuffled(*train, batch_size=128), opts)
+    qat.train(model, qat.shuffled(*train, batch_size=128), opts, teacher=teacher, objective=OBJECTIVE)
     seconds = round(time.perf_counter() - t0, 1)
     trained = deployed_accuracy(model, test)
     row = {"model": name, "scheme": scheme, "fp32": fp32, "ptq": ptq, "qat": trained, "target_drop": target}
-    row |= {"qat_drop": round(fp32 - trained, 2), "met": fp32 - trained <= target, "train_seconds": seconds}
+    row |= {"qat_drop": round(fp32 - trained, 2), "met": fp32 - trained <= target, "steps": steps}
+    row["train_seconds"] = seconds
     print(json.dumps(row), flush=True)
     return row
 
@@ -115,20 +119,20 @@ def plain_train(model: torch.nn.Module, train: tuple, steps: int, lr: float) -> 
 
 def markdown(result: dict) -> str:
     lines = [
-        f"# QAT of the bundled CNNs ({result['steps']} steps, lr {result['lr']})",
+        f"# QAT of the bundled CNNs (lr {result['lr']}, steps per row)",
         "",
         f"`{result['command']}` on {result['machine']}, torch {result['torch']}.",
         "Accuracy (%) of the deployed (converted, integer-only) model on the 10,000 test images;",
         "PTQ = the same layers at step 0, converted without training.",
         "",
-        "| model | scheme | fp32 | PTQ | QAT | QAT drop | target | met | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | scheme | fp32 | PTQ | QAT | QAT drop | target | met | steps | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['scheme']} | {r['fp32']:.2f} | {r['ptq']:.2f} | {r['qat']:.2f} | "
             f"{r['qat_drop']:+.2f} | <= {r['target_drop']} | {'yes' if r['met'] else 'no'} | "
-            f"{r['train_seconds']} |"
+            f"{r['steps']} | {r['train_seconds']} |"
         )
     for r in result.get("peers", []):
         lines += ["", f"torchao QAT, {r['model']} {r['scheme']}: fake-quantized layers",
@@ -140,7 +144,7 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, help="training steps of every row (default: each row's own)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rows", nargs="+", help="model:scheme pairs to run (default: all)")
     p.add_argument("--peer", action="store_true", help="add torchao's QAT (benchmark environment)")
@@ -153,16 +157,16 @@ def main() -> int:
         (out / "qat_cnn.md").write_text(markdown(result))
         return 0
     rows = [r for r in ROWS if not args.rows or f"{r[0]}:{r[1]}" in args.rows]
-    result = {"command": "python " + " ".join(["benchmarks/qat_cnn.py", *sys.argv[1:]]), "steps": args.steps}
+    result = {"command": "python " + " ".join(["benchmarks/qat_cnn.py", *sys.argv[1:]])}
     result |= {
         "lr": args.lr,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }
     result |= {"threads": torch.get_num_threads()}
-    result["rows"] = [bench_row(name, scheme, target, args.steps, args.lr) for name, scheme, target in rows]
+    result["rows"] = [bench_row(n, s, target, args.steps or steps, args.lr) for n, s, target, steps in rows]
     if args.peer:
-        result["peers"] = [torchao_row("fashion-mnist-cnn", args.steps, args.lr)]
+        result["peers"] = [torchao_row("fashion-mnist-cnn", args.steps or 2000, args.lr)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "qat_cnn.json").write_text(json.dumps(result, indent=1))
     (out / "qat_cnn.md").write_text(markdown(result))

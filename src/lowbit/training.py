@@ -2,9 +2,9 @@
 convert, save.
 
 Training data comes from ``--calib SOURCE:N``: ``mnist`` / ``fashion-mnist`` (the first N training
-images with their labels: cross-entropy) or ``photos`` (N unlabelled crops: distillation from the float
-model, which stays loaded as the teacher). The initial activation ranges are observed on the first
-``INIT_IMAGES`` of them. Training checkpoints go to a hidden folder beside the output
+images with their labels: cross-entropy plus distillation from the float model, which stays loaded as the
+teacher) or ``photos`` (N unlabelled crops: distillation alone). The initial activation ranges are
+observed on the first ``INIT_IMAGES`` of them. Training checkpoints go to a hidden folder beside the output
 (``.<out name>.qat``); running the same command again after an interruption resumes from the last one,
 and the folder is removed once the model is saved.
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.export.checkpoint import save
-from lowbit.qat import QATConfig, TrainOptions, convert, prepare, shuffled, train
+from lowbit.qat import Objective, QATConfig, TrainOptions, convert, prepare, shuffled, train
 
 INIT_IMAGES = 2048
 FREEZE_BN_AT = 0.8  # fraction of the steps after which BatchNorm statistics freeze
@@ -68,7 +68,7 @@ def train_and_save(
     """Train float ``model`` with ``config`` on ``data`` (``training_set``), convert and save it to
     ``out`` (checked by ``check_target``); returns stats. ``selection``: include/exclude patterns."""
     images, labels = data
-    teacher = copy.deepcopy(model).eval() if labels is None else None
+    teacher = copy.deepcopy(model).eval()
     include, exclude = selection
     summary = prepare(model, config, list(images[:INIT_IMAGES].split(256)), include=include, exclude=exclude)
     if options.freeze_bn_after is None:
@@ -80,14 +80,18 @@ def train_and_save(
     )
     folder = checkpoint_folder(out)
     t0 = time.perf_counter()
-    result = train(model, data, options, teacher=teacher, checkpoint=folder, progress=progress)
+    objective = Objective(task_weight=0.0 if labels is None else 1.0, distill_weight=1.0)
+    result = train(
+        model, data, options, teacher=teacher, objective=objective, checkpoint=folder, progress=progress
+    )
     convert(model)
     save(model, out, overwrite=overwrite)
     shutil.rmtree(folder, ignore_errors=True)
     from lowbit.eval.size import dir_bytes
 
     return {
-        "objective": "cross-entropy (labels)" if labels is not None else "distillation from the float model",
+        "objective": ("cross-entropy (labels) + " if labels is not None else "")
+        + "distillation from the float model",
         "quantized_modules": len(summary.quantized),
         "kept_float": summary.skipped,
         "folded_batchnorm": len(summary.folded),
