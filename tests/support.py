@@ -48,3 +48,16 @@ def assert_ort_matches(got, ours, tol):
     assert got.shape == ours.shape and np.isfinite(got).all()
     if ort_int8_exact():
         assert np.abs(got - ours).max() <= tol
+
+
+class Crashing:
+    """``data``'s batches until step ``at``, then an error, as a process killed mid-run."""
+
+    def __init__(self, data, at):
+        self.data, self.at = data, at
+
+    def iter_from(self, step):
+        for i, batch in enumerate(self.data.iter_from(step), step):
+            if i == self.at:
+                raise RuntimeError("power cut")
+            yield batch

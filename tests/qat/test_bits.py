@@ -18,6 +18,7 @@ from lowbit.qat import FakeQuantizer, Objective, QATConfig, TrainOptions, conver
 from lowbit.qat.bits import bit_penalty, fix_bit_widths, learned_bits, mean_bits
 from lowbit.qat.modules import qat_modules
 from lowbit.qat.trainer import BITS_LR_SCALE
+from support import Crashing
 
 COUNTS = {"0": 512, "2": 1024, "4": 128}  # weights per layer of _mlp
 TOTAL = sum(COUNTS.values())
@@ -259,17 +260,6 @@ def test_fixed_widths_survive_a_state_dict_load():
     unfixed = _prepared()
     unfixed.load_state_dict(_prepared().state_dict())
     assert all(m.weight_fq.mode == "bits" for m in qat_modules(unfixed).values())
-
-
-class Crashing:
-    def __init__(self, data, at):
-        self.data, self.at = data, at
-
-    def iter_from(self, step):
-        for i, batch in enumerate(self.data.iter_from(step), step):
-            if i == self.at:
-                raise RuntimeError("power cut")
-            yield batch
 
 
 def test_resume_after_the_widths_were_fixed_is_bit_identical(tmp_path):

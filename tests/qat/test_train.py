@@ -14,6 +14,7 @@ from lowbit import CheckpointError, LowbitError, NonFiniteError
 from lowbit.qat import Objective, QATConfig, TrainOptions, distillation, prepare, shuffled, train
 from lowbit.qat.modules import QATConvBn2d
 from lowbit.qat.trainer import CHECKPOINT
+from support import Crashing
 
 
 def _mlp():
@@ -70,19 +71,6 @@ def test_loss_decreases_on_a_learnable_task():
     assert result.history[0]["task"] == result.history[0]["loss"] and "distill" not in result.history[0]
     # measured: 1.407 before, 1.214 after (all 256 examples)
     assert loss() < 0.92 * before
-
-
-class Crashing:
-    """``data``'s batches until step ``at``, then an error, as a process killed mid-run."""
-
-    def __init__(self, data, at):
-        self.data, self.at = data, at
-
-    def iter_from(self, step):
-        for i, batch in enumerate(self.data.iter_from(step), step):
-            if i == self.at:
-                raise RuntimeError("power cut")
-            yield batch
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
