@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         "--method",
         help="rounding method: rtn (default), hqq (no data); gptq, awq, awq+gptq (weight-only schemes, "
         "need --calib); smoothquant (w8a8, needs --calib); qat (quantization-aware training on --calib: "
-        "labels for mnist/fashion-mnist, distillation from the float model for photos)",
+        "labels plus distillation from the float model for mnist/fashion-mnist, distillation for photos)",
     )
     q.add_argument(
         "--calib",
