@@ -61,3 +61,12 @@ class Crashing:
             if i == self.at:
                 raise RuntimeError("power cut")
             yield batch
+
+
+def run_cli(capsys, *argv):
+    """``(exit code, stdout, stderr)`` of ``lowbit *argv`` run in this process."""
+    from lowbit.cli.main import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

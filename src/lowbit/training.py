@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,8 +34,8 @@ def training_set(source: str, n: int) -> tuple[torch.Tensor, torch.Tensor | None
 
     if source == "photos":
         return vision.photo_crops("calib", n), None
-    if source in ("mnist", "fashion-mnist"):
-        images, labels = (vision.mnist if source == "mnist" else vision.fashion_mnist)("train")
+    if source in vision.DATASETS:
+        images, labels = vision.DATASETS[source]("train")
         return images[:n], labels[:n]
     raise LowbitError(f"--method qat trains vision models on photos, mnist or fashion-mnist; got {source}")
 
@@ -72,12 +73,8 @@ def train_and_save(
     include, exclude = selection
     summary = prepare(model, config, list(images[:INIT_IMAGES].split(256)), include=include, exclude=exclude)
     if options.freeze_bn_after is None:
-        options = TrainOptions(**{**options.__dict__, "freeze_bn_after": int(FREEZE_BN_AT * options.steps)})
-    data = (
-        shuffled(images, labels, batch_size=batch_size)
-        if labels is not None
-        else shuffled(images, batch_size=batch_size)
-    )
+        options = replace(options, freeze_bn_after=int(FREEZE_BN_AT * options.steps))
+    data = shuffled(*((images,) if labels is None else (images, labels)), batch_size=batch_size)
     folder = checkpoint_folder(out)
     t0 = time.perf_counter()
     objective = Objective(task_weight=0.0 if labels is None else 1.0, distill_weight=1.0)

@@ -21,8 +21,8 @@ from lowbit.transforms import Int8Dynamic, SmoothQuant, StaticW8A8, WeightOnly, 
 from lowbit.transforms.comm import SOLO
 from lowbit.transforms.quantize import check_distributed
 
-TASKS = ("wiki-ppl", "mnist", "fashion-mnist", "photos")
-VISION_TASKS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "photos": "photos"}
+VISION_TASKS = ("mnist", "fashion-mnist", "photos")
+TASKS = ("wiki-ppl", *VISION_TASKS)
 CALIB_SOURCES = ("photos", "mnist", "fashion-mnist", "sentences", "wiki")
 
 
@@ -86,7 +86,7 @@ def calibration_batches(spec: str, tokenizer=None, batch_size: int = 32) -> list
     if source == "photos":
         images = vision.photo_crops("calib", n)
     else:
-        images = (vision.mnist if source == "mnist" else vision.fashion_mnist)("train")[0][:n]
+        images = vision.DATASETS[source]("train")[0][:n]
     return list(images.split(batch_size))
 
 
@@ -298,7 +298,7 @@ def _evaluate_vision(ref, task: str, progress: bool, verify: bool) -> dict:
             reference = predict(models.load(source, progress=progress)[0], images)
             result = {"accuracy": agreement(model, reference, images), "reference": f"{source} (float)"}
         else:
-            images, labels = (vision.mnist if task == "mnist" else vision.fashion_mnist)("test")
+            images, labels = vision.DATASETS[task]("test")
             result = {"accuracy": accuracy(model, images, labels), "reference": "labels"}
     except RuntimeError as e:
         raise LowbitError(f"{ref} does not take {task} images: {str(e).splitlines()[0][:160]}") from None

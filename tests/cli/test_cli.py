@@ -6,13 +6,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.cli.main import main
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from support import run_cli as _run
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,8 @@ import pytest
 
 import lowbit
 import lowbit.qat
-from lowbit.cli.main import main
 from lowbit.training import checkpoint_folder
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from support import run_cli as _run
 
 
 @pytest.mark.parametrize(

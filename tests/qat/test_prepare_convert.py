@@ -157,11 +157,13 @@ def test_exclude_keeps_a_layer_float():
 
 
 def _folded(twin):
-    """``(W', b')`` by hand from the conv and BatchNorm parameters."""
+    """``(W', b')`` by hand from the conv and BatchNorm parameters (in float64, as the fold rule computes
+    it, then float32)."""
     bn = twin.bn
-    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = twin.weight * factor.reshape(-1, 1, 1, 1)
-    return weight, (twin.bias - bn.running_mean) * factor + bn.bias
+    factor = torch.rsqrt(bn.running_var.double() + bn.eps) * bn.weight.double()
+    weight = twin.weight.double() * factor.reshape(-1, 1, 1, 1)
+    bias = (twin.bias.double() - bn.running_mean.double()) * factor + bn.bias.double()
+    return weight.float(), bias.float()
 
 
 def _on_grid(twin, bias):

@@ -188,19 +188,26 @@ def test_nan_loss_names_the_step_and_keeps_the_checkpoint(tmp_path):
     assert not model.training
 
 
-def test_a_scale_that_blows_up_is_named(tmp_path):
-    """A quantizer scale turns Inf before step 2 (as a diverging run would leave it): the error names it."""
-    model = _prepared_mlp()
+def _log_scale_set_at_step_2(model, value, path):
+    """Batches that set ``model[2]``'s second weight ``log_scale`` to ``value`` before step 2, and the
+    bytes of the checkpoint at ``path`` as they were then (``seen["bytes"]``)."""
     x, y = _task(128)
-    path, seen = tmp_path / CHECKPOINT, {}
+    seen = {}
 
     def before(i):
         if i == 2:
             seen["bytes"] = path.read_bytes()
             with torch.no_grad():
-                model[2].weight_fq.log_scale[1] = float("inf")  # scale exp(inf) = inf
+                model[2].weight_fq.log_scale[1] = value
 
-    batches = Batches([(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)], before)
+    return Batches([(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)], before), seen
+
+
+def test_a_scale_that_blows_up_is_named(tmp_path):
+    """A quantizer scale turns Inf before step 2 (as a diverging run would leave it): the error names it."""
+    model = _prepared_mlp()
+    path = tmp_path / CHECKPOINT
+    batches, seen = _log_scale_set_at_step_2(model, float("inf"), path)  # scale exp(inf) = inf
     with pytest.raises(NonFiniteError, match="step 2: loss is nan; 2.weight: scale became inf; the last"):
         train(model, batches, TrainOptions(steps=8, every=2), checkpoint=tmp_path)
     assert path.read_bytes() == seen["bytes"]
@@ -218,20 +225,12 @@ def test_a_scale_made_nan_by_its_update_is_named():
 
 def test_a_scale_that_underflows_is_refused_not_clamped(tmp_path):
     """A step size can only reach 0 by ``exp`` underflowing (``log_scale`` about -104 or below). The weight
-    quantizer's forward still runs (it clamps to the smallest normal float32; weight-only, so no bias grid
+    quantizer's forward still runs (it floors the step at ``MIN_SCALE``; weight-only, so no bias grid
     divides by the zero step, and the loss stays finite), but the check after the step raises instead of
     clamping the scale back up, and the checkpoint before stays."""
     model = _prepared_mlp(QATConfig(weights="int4", activation_bits=None))
-    x, y = _task(128)
-    path, seen = tmp_path / CHECKPOINT, {}
-
-    def before(i):
-        if i == 2:
-            seen["bytes"] = path.read_bytes()
-            with torch.no_grad():
-                model[2].weight_fq.log_scale[1] = -200.0
-
-    batches = Batches([(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)], before)
+    path = tmp_path / CHECKPOINT
+    batches, seen = _log_scale_set_at_step_2(model, -200.0, path)
     match = r"step 2: a quantizer's qparams left the finite positive range; 2.weight: scale became 0 \(<= 0\)"
     with pytest.raises(NonFiniteError, match=match):
         train(model, batches, TrainOptions(steps=8, every=2), checkpoint=tmp_path)
@@ -293,9 +292,9 @@ def test_teacher_with_another_output_shape():
     [
         ({"lr": 2e-2}, r"options.lr is 0.01 in the checkpoint but 0.02 now"),
         ({"config": QATConfig(weights="int4", activation_bits=8, activation_learning="lsq")},
-         r"qat_config.activation_learning is 'lsq\+' in the checkpoint but 'lsq' now"),
+         r'qat_config.activation_learning is "lsq\+" in the checkpoint but "lsq" now'),
         ({"config": QATConfig(weights="int8", activation_bits=8)},
-         r"qat_config.weights is 'int4' in the checkpoint but 'int8' now"),
+         r'qat_config.weights is "int4" in the checkpoint but "int8" now'),
         ({"objective": Objective(quant_weight=0.1)},
          r"objective.quant_weight is 0.0 in the checkpoint but 0.1 now"),
     ],

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lowbit.cli.main import main
 from lowbit.core.errors import LowbitError
-from lowbit.transforms.comm import SOLO, Comm, _first_difference, torchrun_comm
+from lowbit.transforms.comm import SOLO, Comm, first_difference, torchrun_comm
 from support import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -144,8 +144,8 @@ def test_share_splits_forwards_contiguously_in_rank_order():
 def test_first_difference_names_the_path():
     a = {"config": {"bits": 4, "group_size": 16}, "calib": "ab"}
     b = {"config": {"bits": 4, "group_size": 8}, "calib": "ab"}
-    assert _first_difference(a, b) == ("config.group_size", "16", "8")
-    assert _first_difference({"m": [[1, 2], "x"]}, {"m": [[1, 3], "x"]}) == ("m[0][1]", "2", "3")
+    assert first_difference(a, b) == ("config.group_size", "16", "8")
+    assert first_difference({"m": [[1, 2], "x"]}, {"m": [[1, 3], "x"]}) == ("m[0][1]", "2", "3")
 
 
 def test_static_w8a8_does_not_run_distributed():

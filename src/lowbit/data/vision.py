@@ -25,6 +25,7 @@ import struct
 import sys
 import zlib
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -213,6 +214,10 @@ def fashion_mnist(split: str) -> tuple[Tensor, Tensor]:
     return _normalise(codes, FASHION_MEAN, FASHION_STD), labels.clone()
 
 
+# The labelled image datasets by name: split -> (images, labels).
+DATASETS = MappingProxyType({"mnist": mnist, "fashion-mnist": fashion_mnist})
+
+
 def dataset_files(name: str) -> list[Path]:
     """The files a dataset ("mnist" | "fashion-mnist") is read from (to stamp caches built on it)."""
     if name == "mnist":
@@ -311,6 +316,7 @@ def photo_crops(split: str, n: int | None = None, size: int = 224) -> Tensor:
 
 __all__ = [
     "CALIB_PHOTOS",
+    "DATASETS",
     "EVAL_PHOTOS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

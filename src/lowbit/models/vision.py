@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.fsio import package_file
-from lowbit.data.vision import dataset_files, fashion_mnist, mnist
+from lowbit.data.vision import DATASETS, dataset_files
 from lowbit.models.cache import atomic_dir, cache_root, source_stamp
 from lowbit.models.checks import check_safetensors
 from lowbit.nn.static import Add
@@ -52,9 +52,7 @@ RECIPE = MappingProxyType(
         "schedule": "OneCycleLR",
     }
 )
-CNN_DATASETS: MappingProxyType[str, Callable[[str], tuple[Tensor, Tensor]]] = MappingProxyType(
-    {"mnist": mnist, "fashion-mnist": fashion_mnist}
-)
+CNN_DATASETS: MappingProxyType[str, Callable[[str], tuple[Tensor, Tensor]]] = DATASETS
 WEIGHTS = "model.safetensors"
 MANIFEST = "lowbit_cache.json"
 

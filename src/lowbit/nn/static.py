@@ -55,11 +55,19 @@ def activation_spec(bits: int, symmetric: bool = False) -> QuantSpec:
     return QuantSpec(f"int{bits}" if symmetric else f"uint{bits}", symmetric, PerTensor(), "float32")
 
 
+def activation_problem(act_spec: QuantSpec) -> str | None:
+    """Why ``act_spec`` is not a static activation spec (``activation_spec(bits, symmetric)``), or None."""
+    act = act_spec.fmt
+    if act.kind != "int" or act_spec != activation_spec(act.bits, act.qmin < 0):
+        return f"static activations must be int<b> symmetric or uint<b> asymmetric per tensor, got {act_spec}"
+    return None
+
+
 def static_spec_problem(spec: QuantSpec, act_spec: QuantSpec) -> str | None:
     """Why a static layer cannot hold ``spec`` weights and ``act_spec`` activations, or None.
 
     Weights: symmetric, one float32 scale per output channel, an integer format (int2..int8, ternary)
-    or ``binary`` (levels -1 and +1). Activations: ``activation_spec(bits, symmetric)``.
+    or ``binary`` (levels -1 and +1). Activations: ``activation_problem``.
     """
     fmt = spec.fmt
     weight_ok = fmt.kind == "int" or fmt.name == "binary"
@@ -69,12 +77,7 @@ def static_spec_problem(spec: QuantSpec, act_spec: QuantSpec) -> str | None:
         return (
             f"static weights must be symmetric integer/binary codes per output channel (float32), got {spec}"
         )
-    act = act_spec.fmt
-    if act.kind != "int" or act_spec.granularity != PerTensor() or act_spec.clip_ratio != 1:
-        return f"static activations must be int/uint codes (1..8 bits) per tensor, got {act_spec}"
-    if act_spec != activation_spec(act.bits, act.qmin < 0):
-        return f"static activations must be int<b> symmetric or uint<b> asymmetric (float32), got {act_spec}"
-    return None
+    return activation_problem(act_spec)
 
 
 class StaticActivations:
@@ -230,7 +233,7 @@ class QStaticAdd(QuantizedModule):
 
     def __init__(self, act_spec: QuantSpec = ACTIVATION_SPECS["uint8"]) -> None:
         super().__init__()
-        problem = static_spec_problem(WEIGHT_SPEC, act_spec)
+        problem = activation_problem(act_spec)
         if problem:
             raise LowbitError(problem)
         self.act_spec = act_spec

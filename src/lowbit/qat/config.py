@@ -119,11 +119,6 @@ class QATConfig(QuantConfig):
             return None
         return activation_spec(self.activation_bits, self.activation_symmetric)
 
-    @property
-    def weight_bits(self) -> float:
-        """Bits per stored weight code (ternary: 2)."""
-        return float(QuantSpec(self.weights).fmt.bits)
-
 
 _SCHEME = re.compile(r"w(?P<w>[1-8]|t)(?:g(?P<group>\d+))?(?:a(?P<act>\d))?")
 

@@ -70,7 +70,8 @@ class FakeQuantizer(nn.Module):
     ``(rows, 1)`` per row of a 2-d input). ``spec`` gives the format and symmetry; its granularity is
     not used (the caller shapes the input). ``name`` labels errors.
 
-    Uninitialised until ``set_qparams`` (or an observer pass, ``observe``): a forward before raises.
+    Uninitialised until ``set_qparams``: a forward before raises. While ``observer`` is set
+    (``lowbit.qat.prepare`` calibrating), a forward feeds it and returns ``x`` unchanged.
     """
 
     def __init__(self, spec: QuantSpec, mode: str, shape: tuple[int, ...], name: str) -> None:
@@ -89,7 +90,7 @@ class FakeQuantizer(nn.Module):
         zp = nn.Parameter(torch.zeros(shape), requires_grad=mode == "lsq+") if has_zp else None
         self.zero_point = zp
         self.register_buffer("initialized", torch.tensor(False))
-        self.observer = None  # set by ``observe``: forwards feed it and return x unchanged
+        self.observer = None
         if mode == "bits":
             if fmt.kind != "int" or not spec.symmetric:
                 raise LowbitError(f"{name}: learned bit widths need symmetric int weights, got {fmt.name}")

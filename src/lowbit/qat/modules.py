@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.algorithms.fold import fold_bn
+from lowbit.nn.static import CONV_KEYS
 from lowbit.qat.fake import MIN_SCALE, FakeQuantizer, round_ste, weight_rows
 
 MIN_FACTOR = 1e-6  # |gamma / std| floor of the training forward, which divides by it (a dead channel)
@@ -56,10 +58,6 @@ class QATModule(nn.Module):
     def _input(self, x: Tensor) -> Tensor:
         return self.input_fq(x) if self.input_fq is not None else x
 
-    def quantizers(self) -> dict[str, FakeQuantizer]:
-        fqs = {"weight_fq": self.weight_fq}
-        return fqs | ({"input_fq": self.input_fq} if self.input_fq is not None else {})
-
 
 class QATLinear(QATModule):
     """``nn.Linear`` trained with fake-quantized weight and input (shares the Linear's parameters)."""
@@ -73,9 +71,6 @@ class QATLinear(QATModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self._input(x), self.quantized_weight(self.weight), self.integer_bias(self.bias))
-
-
-CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 
 
 def _conv_args(conv: dict) -> dict:
@@ -121,10 +116,10 @@ class QATConvBn2d(QATModule):
         return gamma / torch.sqrt(bn.running_var + bn.eps)
 
     def deploy_weight(self) -> tuple[Tensor, Tensor]:
-        bn, factor = self.bn, self._factor()
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-        bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
-        return self.weight * factor.reshape(-1, 1, 1, 1), (bias - bn.running_mean) * factor + beta
+        """``(W', b')``: BatchNorm folded with its running statistics (``lowbit.algorithms.fold``, the
+        rule post-training folding uses; differentiable)."""
+        bn = self.bn
+        return fold_bn(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         x, args = self._input(x), _conv_args(self.conv)
@@ -132,8 +127,8 @@ class QATConvBn2d(QATModule):
             weight, bias = self.deploy_weight()
             return F.conv2d(x, self.quantized_weight(weight), self.integer_bias(bias), **args)
         factor = self._factor()
-        tiny = torch.full_like(factor, MIN_FACTOR)
-        factor = torch.where(factor.abs() < MIN_FACTOR, torch.where(factor < 0, -tiny, tiny), factor)
+        floor = torch.where(factor < 0, -MIN_FACTOR, MIN_FACTOR)
+        factor = torch.where(factor.abs() < MIN_FACTOR, floor, factor)
         weight = self.quantized_weight(self.weight * factor.reshape(-1, 1, 1, 1))
         y = F.conv2d(x, weight, None, **args) / factor.reshape(1, -1, 1, 1)
         if self.bias is not None:

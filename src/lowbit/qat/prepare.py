@@ -42,6 +42,12 @@ from lowbit.transforms.quantize import QuantSummary, Selector, note_float_layers
 from lowbit.transforms.rollback import rollback_on_error
 
 
+def row_spec(fmt: str) -> QuantSpec:
+    """Symmetric float32-scale spec of ``fmt`` with one scale per row of ``weight_rows`` (the form the
+    weight quantizers and ``convert`` work in)."""
+    return QuantSpec(fmt, True, PerChannel(0), "float32")
+
+
 def fake_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
     """fqn -> every ``FakeQuantizer`` in ``model``."""
     return {f: m for f, m in model.named_modules() if isinstance(m, FakeQuantizer)}
@@ -61,7 +67,7 @@ def _check_float(model: nn.Module) -> None:
 def _weight_qparams(weight: torch.Tensor, config: QATConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial ``(scale (rows, 1), zero point)`` of ``weight`` as the rows ``weight_rows`` gives."""
     rows = weight_rows(weight.detach().float(), config.group_size)
-    spec = QuantSpec(config.weights, True, PerChannel(0), "float32")
+    spec = row_spec(config.weights)
     if spec.fmt.kind != "int" or config.weight_observer == "minmax":
         scale, zp = choose_qparams(rows, spec, name)
     else:
@@ -71,16 +77,13 @@ def _weight_qparams(weight: torch.Tensor, config: QATConfig, name: str) -> tuple
     return scale.reshape(-1, 1), zp
 
 
-def _twin(
-    model: nn.Module, fqn: str, m: nn.Module, bn: nn.BatchNorm2d | None, config: QATConfig
-) -> QATModule:
+def _twin(fqn: str, m: nn.Module, bn: nn.BatchNorm2d | None, config: QATConfig) -> QATModule:
     """The training twin of layer ``m`` (and the BatchNorm after it), weight quantizer initialised."""
     act = config.activation_spec()
     input_fq = FakeQuantizer(act, config.activation_learning, (), f"{fqn} input") if act else None
-    weight_spec = QuantSpec(config.weights, True, PerChannel(0), "float32")
     rows = weight_rows(m.weight, config.group_size).shape[0]
     mode = "bits" if config.bit_budget is not None else config.weight_learning
-    weight_fq = FakeQuantizer(weight_spec, mode, (rows, 1), f"{fqn}.weight")
+    weight_fq = FakeQuantizer(row_spec(config.weights), mode, (rows, 1), f"{fqn}.weight")
     if isinstance(m, nn.Linear):
         twin = QATLinear(m, weight_fq, input_fq, config.group_size)
     elif bn is not None:
@@ -134,7 +137,7 @@ def prepare(
         select = Selector(include, exclude)
         targets = _targets(model, config, select, summary)
         for fqn, (m, bn, bn_fqn) in targets.items():
-            model.set_submodule(fqn, _twin(model, fqn, m, bn, config))
+            model.set_submodule(fqn, _twin(fqn, m, bn, config))
             if bn_fqn is not None:
                 model.set_submodule(bn_fqn, nn.Identity())
                 summary.folded[bn_fqn] = fqn
@@ -200,9 +203,8 @@ def _codes(twin: QATModule, spec: QuantSpec, name: str) -> tuple[QuantizedTensor
     bias = twin.integer_bias(bias)
     scale, _ = twin.weight_fq.qparams()
     rows = weight_rows(weight.detach().float(), twin.group_size)
-    row_spec = QuantSpec(spec.format, True, PerChannel(0), "float32")
     zp = torch.zeros(scale.shape, dtype=spec.fmt.torch_dtype) if spec.fmt.kind == "int" else None
-    codes = quantize(rows, scale, zp, row_spec, name).reshape(weight.shape[0], -1)
+    codes = quantize(rows, scale, zp, row_spec(spec.format), name).reshape(weight.shape[0], -1)
     if twin.group_size:
         scale = scale.reshape(weight.shape[0], -1)
         zp = zp.reshape(scale.shape) if zp is not None else None
@@ -246,9 +248,7 @@ def convert(model: nn.Module) -> QuantSummary:
         if config.bit_budget is not None:
             fix_bit_widths(model, config.bit_budget)
         for fqn, twin in twins.items():
-            for fq in twin.quantizers().values():
-                fq.check_finite()
-            q = _deployed(fqn, twin, config)
+            q = _deployed(fqn, twin, config)  # qparams() refuses a NaN, Inf or zero scale
             model.set_submodule(fqn, q)
             summary.quantized[fqn] = q.extra_repr()
     model.lowbit_config = config.to_dict()

@@ -35,6 +35,7 @@ from lowbit.qat.bits import fix_bit_widths, learned_bits
 from lowbit.qat.fake import FakeQuantizer
 from lowbit.qat.loss import HiddenMatch, Objective
 from lowbit.qat.modules import QATConvBn2d, qat_modules
+from lowbit.transforms.comm import first_difference
 
 CHECKPOINT = "qat-checkpoint.pt"
 BITS_LR_SCALE = 10.0  # learned bit widths step at this multiple of the learning rate
@@ -145,14 +146,6 @@ def _fingerprint(model: nn.Module, opts: TrainOptions, objective: Objective) -> 
     }
 
 
-def _first_difference(a, b, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b), key=str):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-    return f"{path} is {b!r} in the checkpoint but {a!r} now"
-
-
 def _save(path: Path, model, opt, sched, step: int, history: list, fingerprint: dict) -> None:
     state = {"format": FORMAT, "version": 1, "fingerprint": fingerprint, "step": step, "history": history}
     state |= {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
@@ -169,8 +162,9 @@ def _resume(path: Path, model, opt, sched, fingerprint: dict) -> tuple[int, list
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a lowbit QAT checkpoint")
     if state["fingerprint"] != fingerprint:
+        key, now, then = first_difference(fingerprint, state["fingerprint"])
         raise CheckpointError(
-            f"{path}: written by another run ({_first_difference(fingerprint, state['fingerprint'])}); "
+            f"{path}: written by another run ({key} is {then} in the checkpoint but {now} now); "
             "use another checkpoint folder or delete it"
         )
     model.load_state_dict(state["model"])
@@ -179,22 +173,22 @@ def _resume(path: Path, model, opt, sched, fingerprint: dict) -> tuple[int, list
     return int(state["step"]), list(state["history"])
 
 
-def _blame(model: nn.Module, step: int, what: str, checkpoint: Path | None) -> LowbitError:
-    """The error for a non-finite step: names the first quantizer whose qparams blew up, if any."""
-    kept = f"; the last good checkpoint {checkpoint} is kept" if checkpoint and checkpoint.exists() else ""
+def _broken_quantizer(model: nn.Module) -> NonFiniteError | None:
+    """``check_finite``'s error for the first quantizer whose qparams are NaN, Inf or not positive."""
     for m in model.modules():
         if isinstance(m, FakeQuantizer):
             try:
                 m.check_finite()
             except NonFiniteError as e:
-                return NonFiniteError(f"step {step}: {what}; {e}{kept}")
-    return NonFiniteError(f"step {step}: {what}; every quantizer scale is finite (try a lower lr){kept}")
+                return e
+    return None
 
 
-def _freeze_at(model: nn.Module, opts: TrainOptions) -> int | None:
-    if opts.freeze_bn_after is not None:
-        return opts.freeze_bn_after
-    return (getattr(model, "lowbit_qat", None) or {}).get("freeze_bn_after")
+def _blame(model: nn.Module, step: int, what: str, checkpoint: Path | None) -> LowbitError:
+    """The error for a non-finite step: names the first quantizer whose qparams blew up, if any."""
+    kept = f"; the last good checkpoint {checkpoint} is kept" if checkpoint and checkpoint.exists() else ""
+    broken = _broken_quantizer(model) or "every quantizer scale is finite (try a lower lr)"
+    return NonFiniteError(f"step {step}: {what}; {broken}{kept}")
 
 
 def _step(model, batch, teacher, objective, hidden) -> dict[str, Tensor]:
@@ -239,8 +233,8 @@ def train(
         start, history = _resume(path, model, opt, sched, fingerprint)
     matcher = HiddenMatch(model, teacher, hidden) if hidden and teacher is not None else None
     batches = data.iter_from(start) if hasattr(data, "iter_from") else _skip(data, start)
-    freeze, t0 = _freeze_at(model, opts), time.perf_counter()
-    qat_config = getattr(model, "lowbit_qat", None) or {}
+    qat_config, t0 = getattr(model, "lowbit_qat", None) or {}, time.perf_counter()
+    freeze = opts.freeze_bn_after if opts.freeze_bn_after is not None else qat_config.get("freeze_bn_after")
     budget, freeze_bits = qat_config.get("bit_budget"), qat_config.get("freeze_bits_after")
     freeze_bits = opts.steps // 2 if freeze_bits is None else freeze_bits
     if teacher is not None:
@@ -249,7 +243,7 @@ def train(
     try:
         bar = tqdm(range(start, opts.steps), desc="qat", unit="step", disable=not progress, initial=start)
         for step in bar:
-            if freeze is not None and step >= freeze:
+            if step == freeze:  # the frozen flags are state: a resume past this step has them
                 _freeze_bn(model)
             if step == freeze_bits and learned_bits(model):
                 history.append({"step": step, "bit_widths": fix_bit_widths(model, budget)})
@@ -261,7 +255,8 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            _check_quantizers(model, step, path)
+            if _broken_quantizer(model) is not None:
+                raise _blame(model, step, "a quantizer's qparams left the finite positive range", path)
             if step % opts.log_every == 0 or step == opts.steps - 1:
                 entry = {k: round(float(v.detach()), 5) for k, v in terms.items()}
                 history.append({"step": step, "lr": sched.get_last_lr()[0], **entry})
@@ -273,16 +268,6 @@ def train(
         if matcher is not None:
             matcher.__exit__()
     return TrainResult(opts.steps, start, round(time.perf_counter() - t0, 2), history)
-
-
-@torch.no_grad()
-def _check_quantizers(model: nn.Module, step: int, path: Path | None) -> None:
-    """After a step: every learned qparam still finite, every step size positive."""
-    for m in model.modules():
-        if isinstance(m, FakeQuantizer) and m.log_scale.requires_grad:
-            ok = bool(torch.isfinite(m.scale).all()) and bool((m.scale > 0).all())
-            if not ok or (m.zero_point is not None and not bool(torch.isfinite(m.zero_point).all())):
-                raise _blame(model, step, "a quantizer's qparams left the finite positive range", path)
 
 
 def _freeze_bn(model: nn.Module) -> None:

@@ -153,16 +153,16 @@ def model_facts(model: torch.nn.Module) -> dict:
     return out
 
 
-def _first_difference(a, b, path: str = "") -> tuple[str, str, str]:
+def first_difference(a, b, path: str = "") -> tuple[str, str, str]:
     """Where JSON-like ``a`` and ``b`` first differ: (path "key.sub[2]", a's value, b's value)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
             if a.get(k, "<missing>") != b.get(k, "<missing>"):
-                return _first_difference(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}")
+                return first_difference(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{path}.{k}")
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
-                return _first_difference(x, y, f"{path}[{i}]")
+                return first_difference(x, y, f"{path}[{i}]")
     show = lambda v: s if len(s := json.dumps(v, default=str)) < 80 else s[:77] + "..."  # noqa: E731
     return path.lstrip(".") or "value", show(a), show(b)
 
@@ -304,7 +304,7 @@ class TorchComm(Comm):
             self.dist.all_gather_object(every, mine, group=self.group)
         for r, theirs in enumerate(every):
             if theirs["digest"] != every[0]["digest"]:
-                where = _first_difference(json.loads(json.dumps(every[0]["facts"], default=str)),
+                where = first_difference(json.loads(json.dumps(every[0]["facts"], default=str)),
                                           json.loads(json.dumps(theirs["facts"], default=str)))  # fmt: skip
                 key, first, other = where
                 raise LowbitError(

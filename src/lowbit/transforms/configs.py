@@ -233,7 +233,7 @@ class StaticW8A8(QuantConfig):
         "mse", is the best or close to it on every bundled model (``make bench-static``: MNIST CNN 99.29%
         vs 99.31 best, Fashion-MNIST CNN 90.97 vs 91.03, MobileNetV2 photo agreement 92.08 vs 92.92 with
         "percentile", MiniLM embedding cosine 0.9936, the best, where "percentile" gives 0.919 and
-        "minmax" 0.9925); "minmax" (MobileNetV2 87.50) was the default before.
+        "minmax" 0.9925, MobileNetV2 87.50).
     percentile: for observer="percentile", the kept percentile (e.g. 99.99).
     weight_observer: "minmax" (absmax per channel) or "mse" (clipping searched per channel).
     activation_format: "uint8" (asymmetric, ONNX Runtime's default) or "int8" (symmetric).
