@@ -49,8 +49,9 @@ def check_trainable(model: nn.Module, tokenizer, ref: str) -> None:
     """``LowbitError`` unless ``model`` is a float vision model."""
     if tokenizer is not None or getattr(model, "lowbit_config", None) is not None:
         raise LowbitError(
-            f"--method qat trains float vision models (mnist-cnn, fashion-mnist-cnn, mobilenetv2); {ref} is "
-            "a language model or an already quantized checkpoint"
+            f"--method qat trains float vision models (mnist-cnn, fashion-mnist-cnn, mobilenetv2) on images; "
+            f"{ref} is a language model or an already quantized checkpoint (a float language model trains "
+            "block by block with --calib wiki:NxL and a weight-only scheme such as w3g64)"
         )
 
 

@@ -113,7 +113,15 @@ def quantize_and_save(
     ``distributed``: this process is one rank of a ``torchrun`` launch (``_quantize_distributed``).
     ``method="qat"``: quantization-aware training (``lowbit.training``; scheme ``w4a4``, ``wta8``...,
     ``calib`` the training data); ``train``: ``lowbit.qat.TrainOptions`` fields (steps, lr) and
-    ``batch_size``."""
+    ``batch_size``. With ``calib`` ``wiki:NxL`` and a weight-only scheme (w3g64), ``method="qat"`` is
+    block-wise training of a decoder instead (``WeightOnly(method="qat")``; ``train``: lr, batch_size,
+    epochs; streaming allowed)."""
+    if method == "qat" and (calib or "").startswith("wiki:") and _weight_only(scheme):
+        if distributed or observer:
+            raise LowbitError("--method qat on a language model takes neither --distributed nor --observer")
+        options = _block_training(train)
+        return _quantize_and_save(ref, scheme, out, method, include, exclude, calib, observer, streaming,
+                                  overwrite, progress, options=options)  # fmt: skip
     if method == "qat":
         if distributed or streaming or observer:
             raise LowbitError("--method qat takes none of --distributed, --streaming, --observer")
@@ -127,16 +135,40 @@ def quantize_and_save(
                               overwrite, progress)  # fmt: skip
 
 
+def _weight_only(scheme: str) -> bool:
+    """Whether ``scheme`` names a ``WeightOnly`` config (w3g64...; not w4a4, w8a8)."""
+    try:
+        return isinstance(parse_scheme(scheme), WeightOnly)
+    except LowbitError:
+        return False
+
+
+def _block_training(train: dict | None) -> dict:
+    """``WeightOnly`` fields of the CLI's training options for block-wise QAT of a decoder."""
+    train = {k: v for k, v in (train or {}).items() if v is not None}
+    if "steps" in train:
+        raise LowbitError(
+            "--steps applies to vision models; block-wise training of a language model takes --epochs"
+        )
+    names = {"lr": "train_lr", "batch_size": "train_batch", "epochs": "train_epochs"}
+    return {names[k]: v for k, v in train.items()}
+
+
 def _train_and_save(ref, scheme, out, calib, selection, overwrite, progress, train: dict | None) -> dict:
     from lowbit import training
     from lowbit.qat import TrainOptions, parse_qat_scheme
 
     config = parse_qat_scheme(scheme)
     if calib is None:
-        raise LowbitError("--method qat needs training data, e.g. --calib fashion-mnist:60000 or photos:512")
+        raise LowbitError(
+            "--method qat needs training data, e.g. --calib fashion-mnist:60000 or photos:512 (vision "
+            "models) or wiki:64x512 (block-wise training of a language model)"
+        )
     source, n, _ = _calib_source(calib)
-    train = dict(train or {})
-    batch_size = train.pop("batch_size", 128)
+    train = {k: v for k, v in (train or {}).items() if v is not None}
+    if train.pop("epochs", None) is not None:
+        raise LowbitError("--epochs applies to block-wise training of a language model (--calib wiki:NxL)")
+    batch_size = train.pop("batch_size", None) or 128
     options = TrainOptions(**{k: v for k, v in train.items() if v is not None})
     out = check_target(out, overwrite)
     data = training.training_set(source, n)
@@ -170,9 +202,12 @@ def _quantize_distributed(args: dict, progress: bool) -> dict:
 
 
 def _quantize_and_save(
-    ref, scheme, out, method, include, exclude, calib, observer, streaming, overwrite, progress, comm=SOLO
-) -> dict:
+    ref, scheme, out, method, include, exclude, calib, observer, streaming, overwrite, progress, comm=SOLO,
+    options: dict | None = None,
+) -> dict:  # fmt: skip
     config = parse_scheme(scheme, method)
+    if options:  # config fields (block-wise QAT's train_*)
+        config = replace(config, **options)
     if observer is not None:
         if not isinstance(config, StaticW8A8):
             raise LowbitError("--observer applies to static schemes (w8a8-static) only")
@@ -222,6 +257,7 @@ def _quantize_and_save(
         "kept_float": summary.skipped,
         "uncalibrated": getattr(summary, "uncalibrated", {}),
         "compute_dtype": getattr(summary, "compute_dtype", None),
+        **({"trained": summary.trained} if getattr(summary, "trained", None) else {}),
         "folded_batchnorm": len(summary.folded),
         "float_ops": summary.float_ops,
         "quantize_seconds": round(seconds, 2),

@@ -71,3 +71,54 @@ def test_qat_cli_trains_saves_evaluates_and_resumes(capsys, tmp_path, monkeypatc
     assert code == 0 and result["accuracy"] > 97.0 and result["images"] == 10000
     q = lowbit.load(out)
     assert type(q.classifier).__name__ == "QStaticLinear" and q.classifier.act_spec.format == "uint4"
+
+
+@pytest.fixture
+def tiny_lm(tmp_path):
+    """A tiny Llama folder with SmolLM2's tokenizer (its 49152-token vocabulary), so ``--calib wiki:NxL``
+    and ``lowbit eval --task wiki-ppl`` run on it in seconds."""
+    import shutil
+
+    from lowbit.models import cached_folder
+    from support import tiny_llama
+
+    tiny_llama(vocab=49152).save_pretrained(tmp_path / "lm")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(cached_folder("smollm2-135m", progress=False) / name, tmp_path / "lm" / name)
+    return tmp_path / "lm"
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_decoder_qat_quantizes_saves_and_evaluates(capsys, tmp_path, tiny_lm, streaming):
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", str(tiny_lm), "--method", "qat", "--scheme", "w3g16",
+            "--calib", "wiki:4x32", "--exclude", "lm_head", "--exclude", "model.embed_tokens",
+            "--epochs", "2", "--batch-size", "2", "--out", str(out), "--quiet", "--json",
+            *(["--streaming"] if streaming else [])]  # fmt: skip
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["method"] == "qat" and result["quantized_modules"] == 14
+    assert set(result["trained"]) == {"model.layers.0", "model.layers.1"}
+    config = lowbit.load(out).lowbit_config
+    assert (config["method"], config["train_epochs"], config["train_batch"]) == ("qat", 2, 2)
+    code, stdout, _ = _run(capsys, "eval", str(out), "--tokens", "256", "--window", "64", "--quiet", "--json")
+    assert code == 0 and json.loads(stdout)["perplexity"] > 1
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["x", "w3g64", "wiki:4x32", "--steps", "5"], "takes --epochs"),
+        (["x", "w3g64", "wiki:4x32", "--distributed"], "takes neither --distributed"),
+        (["mnist-cnn", "w4a4", "mnist:64", "--epochs", "2"], "--epochs applies"),
+        (["x", "w3g64", "wiki:4x32", "--epochs", "0"], "train_epochs must be a positive"),
+    ],
+    ids=["steps", "distributed", "epochs-on-cnn", "epochs-zero"],
+)
+def test_decoder_qat_bad_input(capsys, tmp_path, extra, message):
+    model, scheme, calib, *rest = extra
+    argv = ["quantize", "--method", "qat", "--model", model, "--scheme", scheme, "--calib", calib, *rest]
+    code, _, err = _run(capsys, *argv, "--out", str(tmp_path / "o"))
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

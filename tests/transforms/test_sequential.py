@@ -56,9 +56,11 @@ def test_old_weight_only_dicts_still_load():
     assert config_from_dict(v2 | {"version": 2}).true_sequential is False
     v3 = {k: v for k, v in new.items() if k != "compute_dtype"} | {"version": 3}
     assert config_from_dict(v3).compute_dtype == "float32"
-    assert WeightOnly().version == 4 and WeightOnly().compute_dtype == "auto"
+    v4 = {k: v for k, v in new.items() if not k.startswith("train_")} | {"version": 4}
+    assert config_from_dict(v4) == WeightOnly(method="gptq", version=4)  # version 5 added method qat
+    assert WeightOnly().version == 5 and WeightOnly().compute_dtype == "auto"
     with pytest.raises(FormatVersionError, match="newer"):
-        config_from_dict(WeightOnly().to_dict() | {"version": 5})
+        config_from_dict(WeightOnly().to_dict() | {"version": 6})
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,8 @@ def gptq(
     static_groups: bool = False,
     mse_clip: bool = False,
     name: str = "weight",
-) -> QuantizedTensor:
+    return_values: bool = False,
+) -> QuantizedTensor | tuple[QuantizedTensor, Tensor]:
     """GPTQ-quantize ``weight`` ``(out, in)`` given the input Hessian ``hessian`` ``(in, in)``.
 
     spec: an integer format with PerChannel(0) or PerGroup(g) along the input dimension.
@@ -123,6 +124,9 @@ def gptq(
     block_size: columns per lazy batch update. static_groups: fit group qparams on the original weight.
     mse_clip: per block, shrink the range to the fraction in 1.0 .. 0.7 (step 0.02) with the least
     diag(H)-weighted squared round-trip error, instead of RTN's full range.
+    return_values: also return the float32 ``(out, in)`` values each element was rounded at (the weight
+    after the error feedback of the columns before it; rounding them to nearest under the returned
+    qparams gives the codes), where block-wise training starts (``lowbit.algorithms.blockap``).
     Works in float32; ``name`` labels errors and warnings.
     """
     group = _check_inputs(weight, hessian, spec, damp, block_size, name)
@@ -156,9 +160,13 @@ def gptq(
     codes = _sweep(wt, w0, m, s_cols, z_cols, spec, sorted(bounds) + [n], refit)
     if lazy:
         scale, zp = (torch.cat(p, dim=1) for p in zip(*fitted, strict=True))
-    codes = codes.t() if perm is None else codes.t()[:, torch.argsort(perm)]
+    back = None if perm is None else torch.argsort(perm)
+    codes = codes.t() if perm is None else codes.t()[:, back]
     codes = codes.to(spec.fmt.torch_dtype, memory_format=torch.contiguous_format)
-    return QuantizedTensor(codes, scale, zp, spec)
+    qt = QuantizedTensor(codes, scale, zp, spec)
+    if not return_values:
+        return qt
+    return qt, (wt.t() if perm is None else wt.t()[:, back]).contiguous()
 
 
 def _check_inputs(

@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--scheme",
         required=True,
-        help="w<bits>[g<group>][-sym|-asym] (w8, w4g128), w8a8, w8a8-static; with --method qat "
+        help="w<bits>[g<group>][-sym|-asym] (w8, w4g128), w8a8, w8a8-static, w4a8-static; with --method qat "
         "w<bits>[a<bits>] (w4a4, w2a2; weight bits 1 = binary, t = ternary: w1a8, wta8)",
     )
     q.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -29,8 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--method",
         help="rounding method: rtn (default), hqq (no data); gptq, awq, awq+gptq (weight-only schemes, "
-        "need --calib); smoothquant (w8a8, needs --calib); qat (quantization-aware training on --calib: "
-        "labels plus distillation from the float model for mnist/fashion-mnist, distillation for photos)",
+        "need --calib); smoothquant (w8a8, needs --calib); adaround, brecq (learned rounding of "
+        "w<b>a8-static, layer by layer or block by block against the float model on --calib); "
+        "qat (quantization-aware training on --calib: "
+        "labels plus distillation from the float model for mnist/fashion-mnist, distillation for photos; "
+        "with wiki:NxL, a decoder's weight-only scheme trained block by block against the float blocks)",
     )
     q.add_argument(
         "--calib",
@@ -52,8 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--observer", help="w8a8-static: minmax, moving_average, percentile, kl or mse")
     q.add_argument("--steps", type=int, help="--method qat: training steps (default 1000)")
-    q.add_argument("--lr", type=float, help="--method qat: peak learning rate (default 1e-3)")
-    q.add_argument("--batch-size", type=int, default=128, help="--method qat: images per step (default 128)")
+    q.add_argument(
+        "--lr",
+        type=float,
+        help="--method qat: peak learning rate (default 1e-3; language models: of the weights)",
+    )
+    q.add_argument(
+        "--batch-size", type=int, help="--method qat: images per step (default 128; language models: samples)"
+    )
+    q.add_argument("--epochs", type=int, help="--method qat with --calib wiki:NxL: passes per decoder block")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     x = sub.add_parser("export", help="export a checkpoint for another runtime (ONNX QDQ)")
@@ -118,7 +128,7 @@ def _run(args: argparse.Namespace) -> dict:
             overwrite=args.overwrite,
             progress=not args.quiet,
             distributed=args.distributed,
-            train={"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size},
+            train={"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs},
         )
     if args.command == "export":
         return workflows.export(args.model, args.format, args.out, overwrite=args.overwrite)

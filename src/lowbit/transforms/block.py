@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.rtn import QuantizedTensor
+from lowbit.core.errors import LowbitError
 from lowbit.core.spec import QuantSpec
 from lowbit.nn.modules import QLinear
+from lowbit.transforms.block_train import Training, train_block
 from lowbit.transforms.comm import SOLO, Comm
 from lowbit.transforms.mappings import Architecture, fold_scales, resolve
 from lowbit.transforms.swap import rounding
@@ -39,7 +41,8 @@ class BlockPlan:
     "gptq" | "awq" (AWQ's clipping search). qcls: the quantized module class. true_sequential: GPTQ
     statistics of each input group from the block quantized up to it (module docstring).
     compute: matmul dtype of the block's calibration forwards, "auto" | "float32" | "bfloat16"
-    (``compute_dtype``)."""
+    (``compute_dtype``). train: after rounding, train the rounded Linears against the float block's
+    outputs (``lowbit.transforms.block_train``; method "qat")."""
 
     spec: QuantSpec
     qcls: type[QLinear] = QLinear
@@ -52,16 +55,19 @@ class BlockPlan:
     grid: int = 20
     true_sequential: bool = False
     compute: str = "float32"
+    train: Training | None = None
 
     @property
     def needs_data(self) -> bool:
-        return self.scales is not None or self.rounding in ("gptq", "awq")
+        return self.scales is not None or self.rounding in ("gptq", "awq") or self.train is not None
 
     @property
     def label(self) -> str:
         """Name of the method for progress bars: "gptq", "awq", "awq+gptq", "smoothquant", "rtn", ..."""
         if self.scales == "smooth":
             return "smoothquant"
+        if self.train is not None:
+            return "qat"
         return f"{self.scales}+{self.rounding}" if self.scales not in (None, self.rounding) else self.rounding
 
 
@@ -189,6 +195,7 @@ class BlockResult:
     quantized: dict[str, str] = field(default_factory=dict)
     uncalibrated: dict[str, str] = field(default_factory=dict)
     scaled: dict[str, str] = field(default_factory=dict)
+    trained: dict[str, str] = field(default_factory=dict)
 
 
 def _linears(block: nn.Module, prefix: str, select: Callable[[str], bool]) -> list[tuple[str, nn.Linear]]:
@@ -287,24 +294,36 @@ def _fold_maps(block, prefix, arch, plan, stats, lead_of, result) -> None:
         result.scaled[f"{prefix}.{pname}"] = ", ".join(names)
 
 
-def _round(w: torch.Tensor, st: _InputStats | None, plan: BlockPlan, name: str) -> QuantizedTensor:
+def _round(
+    w: torch.Tensor, st: _InputStats | None, plan: BlockPlan, name: str
+) -> tuple[QuantizedTensor, torch.Tensor | None]:
+    """``w`` rounded, and for GPTQ before block training (``plan.train``) the values it rounded (where
+    the training starts; ``gptq(return_values=True)``), else None."""
     if plan.rounding == "gptq":
         from lowbit.algorithms.gptq import gptq
 
         opts = {"damp": plan.damp, "act_order": plan.act_order, "mse_clip": plan.mse_clip}
         opts["block_size"] = GPTQ_BLOCK
-        return gptq(w, st.hessian, plan.spec, **opts, name=name)
+        if plan.train is not None:
+            return gptq(w, st.hessian, plan.spec, **opts, name=name, return_values=True)
+        return gptq(w, st.hessian, plan.spec, **opts, name=name), None
     if plan.rounding == "awq":
         from lowbit.algorithms.awq import awq_clip
 
-        return awq_clip(w, st.x, plan.spec, grid=plan.grid, name=name)
-    return rounding(plan.rounding)(w, plan.spec, name)
+        return awq_clip(w, st.x, plan.spec, grid=plan.grid, name=name), None
+    return rounding(plan.rounding)(w, plan.spec, name), None
 
 
 def _round_group(
-    names: list[str], mods: dict[str, nn.Linear], st: _InputStats | None, plan: BlockPlan, prefix: str
+    names: list[str],
+    mods: dict[str, nn.Linear],
+    st: _InputStats | None,
+    plan: BlockPlan,
+    prefix: str,
+    starts: dict[str, torch.Tensor],
 ) -> dict[str, QuantizedTensor]:
-    """Round the Linears ``names`` that share input statistics ``st``: name -> its quantized weight.
+    """Round the Linears ``names`` that share input statistics ``st``: name -> its quantized weight;
+    the values GPTQ rounded, where block training starts, go to ``starts`` (``_round``).
 
     GPTQ on 2+ Linears (q/k/v, gate/up) runs once on their weights stacked along the output dim: rows
     are independent given the shared Hessian, so each Linear gets its own result, with one
@@ -313,14 +332,21 @@ def _round_group(
     if plan.needs_data and not st.usable:
         return {n: rounding("hqq")(mods[n].weight.detach(), plan.spec, f"{prefix}.{n}.weight") for n in names}
     if plan.rounding != "gptq" or len(names) < 2:
-        return {n: _round(mods[n].weight.detach(), st, plan, f"{prefix}.{n}.weight") for n in names}
+        out = {}
+        for n in names:
+            out[n], values = _round(mods[n].weight.detach(), st, plan, f"{prefix}.{n}.weight")
+            if values is not None:
+                starts[n] = values
+        return out
     name = f"{prefix}.{{{','.join(names)}}}.weight"
-    qt = _round(torch.cat([mods[n].weight.detach() for n in names]), st, plan, name)
+    qt, values = _round(torch.cat([mods[n].weight.detach() for n in names]), st, plan, name)
     out, start = {}, 0
     for n in names:
         rows = slice(start, start + mods[n].weight.shape[0])
         zp = None if qt.zero_point is None else qt.zero_point[rows].clone()
         out[n] = QuantizedTensor(qt.codes[rows].clone(), qt.scale[rows].clone(), zp, qt.spec)
+        if values is not None:
+            starts[n] = values[rows].clone()
         start = rows.stop
     return out
 
@@ -384,12 +410,13 @@ class _Block:
     owner: dict[str, int]
     comm: Comm
     swaps: dict[str, QLinear] = field(default_factory=dict)
+    starts: dict[str, torch.Tensor] = field(default_factory=dict)  # where block training starts
 
     def round_own(self, lead: str, st: _InputStats | None) -> dict[str, QuantizedTensor] | None:
         """Group ``lead`` rounded if this rank owns it, else None."""
         if self.owner[lead] != self.comm.rank:
             return None
-        return _round_group(self.groups[lead], self.mods, st, self.plan, self.prefix)
+        return _round_group(self.groups[lead], self.mods, st, self.plan, self.prefix, self.starts)
 
     def swap(self, lead: str, qts: dict[str, QuantizedTensor] | None) -> None:
         """Build group ``lead``'s quantized modules from its owner's ``qts``; stand them in."""
@@ -412,6 +439,7 @@ def quantize_block(
     kwargs: list[dict] | None = None,
     propagate: bool = True,
     comm: Comm = SOLO,
+    reference: list[torch.Tensor] | None = None,
 ) -> BlockResult:
     """Quantize the selected Linears of ``block`` (fqn prefix ``prefix``) in place, as ``plan`` says.
 
@@ -422,9 +450,18 @@ def quantize_block(
     With ``propagate``, ``hidden`` is overwritten with the quantized block's outputs (next inputs).
     ``comm``: the ranks of a distributed run (``lowbit.transforms.comm``): ``hidden`` is this rank's
     share, statistics are combined, and each input group is rounded on one rank (``Comm.owners``, by
-    ``_cost``) and broadcast; every rank ends with the same block.
+    ``_cost``) and broadcast; every rank ends with the same block. With ``plan.train``, the rounded
+    Linears are trained against the float block's outputs on ``hidden`` before the next inputs are
+    made (``block_train.train_block``; one process only); given ``reference``, the float model's own
+    inputs of this block, against the float block's outputs on those instead, which then overwrite
+    ``reference`` (``Training.target`` "model").
     """
     result = BlockResult()
+    wanted = None
+    if plan.train is not None:
+        wanted = _targets(block, prefix, plan, hidden if reference is None else reference, kwargs, comm)
+        if reference is not None:
+            reference[:] = wanted
     targets = _linears(block, prefix, select)
     mods, groups = dict(targets), _input_groups(block, arch, targets)
     owners = comm.owners([_cost(names, mods, plan) for names in groups.values()])
@@ -452,6 +489,9 @@ def quantize_block(
         own = {lead: b.round_own(lead, stats.pop(lead, None)) for lead in order}
         for lead in order:
             b.swap(lead, own.pop(lead))
+    if wanted is not None:
+        result.trained[prefix] = _train(b, hidden, kwargs, wanted)
+        del wanted
     if plan.needs_data and propagate:
         with _compute(block, plan.compute):
             _run(block, hidden, kwargs, out=hidden)
@@ -459,3 +499,23 @@ def quantize_block(
         block.set_submodule(name, q)
         result.quantized[f"{prefix}.{name}"] = q.extra_repr()
     return result
+
+
+def _targets(block: nn.Module, prefix: str, plan: BlockPlan, hidden, kwargs, comm: Comm) -> list:
+    """The float block's outputs on ``hidden``: what ``plan.train`` trains the rounded block toward."""
+    if comm.world > 1:
+        raise LowbitError(f"{prefix}: method 'qat' (block training) does not run distributed")
+    targets: list = [None] * len(hidden)
+    with _compute(block, plan.compute):
+        _run(block, hidden, kwargs, out=targets)
+    return targets
+
+
+def _train(b: _Block, hidden: list, kwargs: list[dict], targets: list) -> str:
+    """Train the rounded Linears of ``b`` toward ``targets`` (``block_train``), stand the result in."""
+    compute = lambda: _compute(b.module, b.plan.compute)  # noqa: E731
+    done = train_block(b.module, b.swaps, hidden, kwargs, targets, b.plan.train, b.prefix, compute, b.starts)
+    b.starts.clear()
+    for name, q in b.swaps.items():
+        _stand_in(b.module, name, b.mods[name], q)
+    return done

@@ -71,6 +71,9 @@ class QuantSummary:
     equalized: list[tuple[str, str]] = field(default_factory=list)  # (layer, next layer) pairs equalized
     stretched: list[tuple[str, str]] = field(default_factory=list)  # (layer, depthwise conv) across a ReLU6
     float_ops: dict[str, int] = field(default_factory=dict)  # module type -> count of leaf modules left float
+    rounded: dict[str, str] = field(
+        default_factory=dict
+    )  # layer fqn -> its learned rounding (AdaRound/BRECQ)
 
     def __str__(self) -> str:
         lines = [f"{type(self.config).__name__}: {len(self.quantized)} modules quantized"]
@@ -82,6 +85,10 @@ class QuantSummary:
             lines.append(f"  stretched: {len(self.stretched)} ReLU6 outputs read by depthwise convs")
         if self.fused:
             lines.append(f"  fused: {len(self.fused)} ReLU/ReLU6 into the output range of the layer before")
+        if self.rounded:
+            lines.append(
+                f"  learned rounding: {len(self.rounded)} layers ({next(iter(self.rounded.values()))}, ...)"
+            )
         lines += [f"  tied: {a} shares {b}" for a, b in self.tied.items()]
         lines += [f"  kept float: {k} ({v})" for k, v in self.skipped.items()]
         if self.float_ops:

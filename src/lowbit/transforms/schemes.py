@@ -8,13 +8,15 @@
 | `w4g128e8`   | as w4g128, but embedding tables (and a tied LM head) 8-bit per row |
 | `w8a8`       | ``Int8Dynamic()``: int8 weights per channel, int8 activations per token |
 | `w8a8-static`| ``StaticW8A8()``: activation ranges fixed by calibration (needs data) |
+| `w4a8-static`| ``StaticW8A8(weight_bits=4)``: int4 per-channel weights (any of 2..8)  |
 
 Without a suffix, 8-bit schemes are symmetric and lower bit widths asymmetric. Bits: 2..8; group sizes
 1..``MAX_GROUP``.
 Without ``e``, embeddings use the Linear layers' bits and group size.
 
 ``method`` picks the algorithm: for weight-only schemes one of ``WEIGHT_METHODS`` (``rtn``, ``hqq``,
-``gptq``, ``awq``, ``awq+gptq``), for ``w8a8`` ``smoothquant`` (``SmoothQuant()``); ``rtn`` is
+``gptq``, ``awq``, ``awq+gptq``), for ``w8a8`` ``smoothquant`` (``SmoothQuant()``), for
+``w<b>a8-static`` one of ``STATIC_ROUNDINGS`` (``adaround``, ``brecq``: learned rounding); ``rtn`` is
 the default everywhere.
 """
 
@@ -34,31 +36,40 @@ from lowbit.transforms.configs import (
 )
 
 MAX_GROUP = 1 << 20
+STATIC_ROUNDINGS = ("adaround", "brecq")
+_STATIC = re.compile(r"w(?P<bits>\d)a8-static")
 _SCHEME = re.compile(r"w(?P<bits>\d)(?:g(?P<group>\d+))?(?:e(?P<emb>\d))?(?P<sym>-sym|-asym)?")
 
 
 def parse_scheme(scheme: str, method: str | None = None) -> QuantConfig:
     """The config a scheme string names (table in the module docstring), using ``method`` (None: rtn)."""
     config = _parse(scheme)
-    if method is not None and method not in (*WEIGHT_METHODS, "smoothquant"):
-        raise LowbitError(f"unknown method {method!r}; known: {', '.join(WEIGHT_METHODS)}, smoothquant")
+    known = (*WEIGHT_METHODS, "smoothquant", *STATIC_ROUNDINGS)
+    if method is not None and method not in known:
+        raise LowbitError(f"unknown method {method!r}; known: {', '.join(known)}")
     if method is None or method == "rtn":
         return config
     if isinstance(config, WeightOnly) and method in WEIGHT_METHODS:
         return replace(config, method=method)
+    if isinstance(config, StaticW8A8) and method in STATIC_ROUNDINGS:
+        return replace(config, rounding=method)
     if isinstance(config, Int8Dynamic) and method == "smoothquant":
         return SmoothQuant(scale_dtype=config.scale_dtype, quantize_embeddings=config.quantize_embeddings)
     raise LowbitError(
         f"method {method!r} does not apply to scheme {scheme!r}; weight-only schemes take "
-        f"{', '.join(WEIGHT_METHODS)}; w8a8 takes rtn or smoothquant"
+        f"{', '.join(WEIGHT_METHODS)}; w8a8 takes rtn or smoothquant; w<b>a8-static takes rtn, "
+        f"{' or '.join(STATIC_ROUNDINGS)}"
     )
 
 
 def _parse(scheme: str) -> QuantConfig:
     if scheme.strip().lower() == "w8a8":
         return Int8Dynamic()
-    if scheme.strip().lower() == "w8a8-static":
-        return StaticW8A8()
+    static = _STATIC.fullmatch(scheme.strip().lower())
+    if static:
+        if not 2 <= int(static["bits"]) <= 8:
+            raise LowbitError(f"scheme {scheme!r}: weight bits must be 2..8")
+        return StaticW8A8(weight_bits=int(static["bits"]))
     m = _SCHEME.fullmatch(scheme.strip().lower())
     if not m:
         raise LowbitError(

@@ -37,6 +37,7 @@ from lowbit.core.errors import LowbitError
 from lowbit.nn.dynamic import QDynamicLinear
 from lowbit.nn.modules import FLOAT_TO_Q
 from lowbit.transforms.block import BlockPlan, BlockResult, compute_dtype, quantize_block
+from lowbit.transforms.block_train import Training
 from lowbit.transforms.calibrate import input_spec
 from lowbit.transforms.comm import SOLO, Comm
 from lowbit.transforms.configs import Int8Dynamic, QuantConfig, SmoothQuant, WeightOnly
@@ -54,11 +55,13 @@ class PipelineSummary(QuantSummary):
 
     uncalibrated: Linears that saw no calibration token -> how they were rounded instead.
     scaled: producer fqn -> the consumers its equivalence scales were folded into (AWQ/SmoothQuant).
+    trained: block fqn -> its block output error before and after training (method "qat").
     compute_dtype: matmul dtype of the calibration forwards (None: no calibration forward ran).
     """
 
     uncalibrated: dict[str, str] = field(default_factory=dict)
     scaled: dict[str, str] = field(default_factory=dict)
+    trained: dict[str, str] = field(default_factory=dict)
     compute_dtype: str | None = None
 
     def __str__(self) -> str:
@@ -66,12 +69,14 @@ class PipelineSummary(QuantSummary):
         if self.scaled:
             lines.append(f"  scaled: {len(self.scaled)} producer -> consumer groups")
         lines += [f"  no calibration tokens: {k} ({v})" for k, v in self.uncalibrated.items()]
+        lines += [f"  trained {k}: {v}" for k, v in self.trained.items()]
         if self.compute_dtype:
             lines.append(f"  calibration forwards in {self.compute_dtype}")
         return "\n".join(lines)
 
 
-_METHODS = {"awq": ("awq", "awq"), "awq+gptq": ("awq", "gptq")}  # WeightOnly method -> (scales, rounding)
+# WeightOnly method -> (scales, rounding); "qat" trains after that rounding
+_METHODS = {"awq": ("awq", "awq"), "awq+gptq": ("awq", "gptq"), "qat": ("awq", "gptq")}
 
 
 def block_plan(config: QuantConfig) -> BlockPlan:
@@ -86,10 +91,14 @@ def block_plan(config: QuantConfig) -> BlockPlan:
             f"block-by-block quantization takes WeightOnly, SmoothQuant or Int8Dynamic, not {name}"
         )
     scales, rnd = _METHODS.get(config.method, (None, config.method))
+    train = None
+    if config.method == "qat":
+        train = Training(config.train_epochs, config.train_lr, config.train_qparam_lr, config.train_batch,
+                         config.train_target)  # fmt: skip
     return BlockPlan(
         config.linear_spec(), scales=scales, rounding=rnd, damp=config.damp,
         act_order=config.act_order, mse_clip=config.mse_clip, grid=config.awq_grid,
-        true_sequential=config.true_sequential, compute=config.compute_dtype,
+        true_sequential=config.true_sequential, compute=config.compute_dtype, train=train,
     )  # fmt: skip
 
 
@@ -315,20 +324,23 @@ def run_blocks(
         merge(summary, store.result(i))
     if store.done == len(blocks):
         return
-    cap = None
+    cap, reference = None, None  # reference: the float model's own block inputs (``Training.target``)
     if plan.needs_data:
         with store.capturing(model):
             cap = capture(model, path, batches, comm)
-        if store.done:
-            cap.hidden = store.hidden(store.done)
+        if plan.train is not None and plan.train.target == "model":
+            reference = [h.clone() for h in cap.hidden]
+        if store.done:  # staged: the next inputs, then the reference's (same count)
+            staged, n = store.hidden(store.done), len(cap.hidden)
+            cap.hidden, reference = staged[:n], (staged[n:] if reference is not None else None)
     quiet = not progress or comm.rank > 0
     bar = tqdm(range(store.done, len(blocks)), desc=plan.label, unit="block", disable=quiet)
     for i in bar:
         prefix, block, last = f"{path}.{i}", blocks[i], i + 1 == len(blocks)
         store.load(i, prefix, block)
         hidden, kwargs = (cap.hidden, cap.kwargs[i]) if cap else (None, None)
-        res = quantize_block(block, prefix, plan, arch, select, hidden, kwargs, not last, comm)
-        store.commit(i, prefix, block, res, cap.hidden if cap and not last else None)
+        res = quantize_block(block, prefix, plan, arch, select, hidden, kwargs, not last, comm, reference)
+        store.commit(i, prefix, block, res, cap.hidden + (reference or []) if cap and not last else None)
         merge(summary, res)
         store.release(i, block)
 
@@ -348,6 +360,7 @@ def merge(summary: PipelineSummary, res: BlockResult) -> None:
     summary.quantized.update(res.quantized)
     summary.uncalibrated.update(res.uncalibrated)
     summary.scaled.update(res.scaled)
+    summary.trained.update(res.trained)
 
 
 @register_handler(SmoothQuant, distributed=True)

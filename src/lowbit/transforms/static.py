@@ -25,6 +25,8 @@ dequantize and quantize nodes (MobileNetV2: 9 float Adds and 27 Q/DQ nodes fewer
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,6 +35,7 @@ from lowbit.algorithms.bias_correction import ChannelMean, bias_shift
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.errors import LowbitError
 from lowbit.core.primitives import quantize
+from lowbit.core.spec import PerChannel, QuantSpec
 from lowbit.nn.static import ACTIVATION_SPECS, STATIC_FLOAT_TO_Q, WEIGHT_SPEC, Add, QStaticAdd
 from lowbit.observers import make_observer
 from lowbit.transforms.calibrate import observing, run_batches
@@ -40,6 +43,7 @@ from lowbit.transforms.configs import StaticW8A8
 from lowbit.transforms.equalize import equalize_, stretch_relu6_
 from lowbit.transforms.fold import fold_batchnorm_, fusable_activations
 from lowbit.transforms.quantize import QuantSummary, Selector, register_handler, require_quantized
+from lowbit.transforms.reconstruct import Reconstruction, reconstruct_
 from lowbit.transforms.rollback import rollback_on_error
 
 
@@ -48,15 +52,23 @@ def _observer(config: StaticW8A8, spec, fqn: str):
     return make_observer(config.observer, spec, name=fqn, **opts)
 
 
+def weight_spec(bits: int) -> QuantSpec:
+    """Symmetric per-output-channel ``int{bits}`` weights (``WEIGHT_SPEC`` for 8)."""
+    return WEIGHT_SPEC if bits == 8 else QuantSpec(f"int{bits}", True, PerChannel(0), "float32")
+
+
 @torch.no_grad()
-def quantize_weight(weight: torch.Tensor, method: str, name: str) -> QuantizedTensor:
-    """int8 symmetric per-output-channel codes of ``weight (out, ...)`` held as ``(out, prod(...))`` rows."""
+def quantize_weight(
+    weight: torch.Tensor, method: str, name: str, spec: QuantSpec = WEIGHT_SPEC
+) -> QuantizedTensor:
+    """Symmetric per-output-channel codes (int8 unless ``spec`` says otherwise) of ``weight (out, ...)``
+    held as ``(out, prod(...))`` rows."""
     w = weight.detach().reshape(weight.shape[0], -1).float()
-    obs = make_observer(method, WEIGHT_SPEC, name=name)
+    obs = make_observer(method, spec, name=name)
     obs.update(w)
     scale, zp = obs.qparams()
     scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
-    return QuantizedTensor(quantize(w, scale, zp, WEIGHT_SPEC, name), scale, zp, WEIGHT_SPEC)
+    return QuantizedTensor(quantize(w, scale, zp, spec, name), scale, zp, spec)
 
 
 @register_handler(StaticW8A8)
@@ -74,6 +86,9 @@ def static_w8a8(
 
 def _static_w8a8(model: nn.Module, config: StaticW8A8, calib, select: Selector, progress: bool):
     summary = QuantSummary(config)
+    learned = config.rounding != "nearest"
+    if calib is not None and not isinstance(calib, (list, tuple)) and (config.stretch_relu6 or learned):
+        calib = list(calib)  # read more than once: channel peaks, observers, reconstruction
     if config.fold_bn:
         summary.folded = {bn: conv for conv, bn in fold_batchnorm_(model)}
     act_spec = ACTIVATION_SPECS[config.activation_format]
@@ -85,10 +100,9 @@ def _static_w8a8(model: nn.Module, config: StaticW8A8, calib, select: Selector, 
         pairs = equalize_(model, replace_relu6=set(fused.values()))
         summary.equalized = [(p.first, p.second) for p in pairs]
     if config.stretch_relu6:
-        if calib is not None and not isinstance(calib, (list, tuple)):
-            calib = list(calib)  # read twice: channel peaks, then the observers
         pairs = stretch_relu6_(model, calib, select, progress=progress)
         summary.stretched = [(p.first, p.second) for p in pairs]
+    teacher = copy.deepcopy(model).eval() if learned else None  # the float model as rewritten above
     ins = {f: _observer(config, act_spec, f) for f in targets}
     outs = {f: _observer(config, act_spec, f) for f in int8_out}
     means = {f: ChannelMean() for f in targets} if config.bias_correction else {}
@@ -96,18 +110,48 @@ def _static_w8a8(model: nn.Module, config: StaticW8A8, calib, select: Selector, 
     adds = _add_observers(model, config, act_spec, select)
     with observing(model, watch, {fused.get(f, f): obs for f, obs in outs.items()} | adds):
         _, spec = run_batches(model, calib, progress)
+    weights = _swap_layers(model, config, targets, (ins, outs, means), fused, summary, progress)
+    _swap_adds(model, adds, act_spec, summary)
+    if learned:
+        opts = Reconstruction(
+            _GRANULARITY[config.rounding],
+            config.recon_steps,
+            drop=config.recon_drop if config.rounding == "brecq" else 0.0,
+            device=config.recon_device,
+        )
+        layer_fused = {a: f for a, f in summary.fused.items() if f in weights}
+        flips = reconstruct_(model, teacher, weights, layer_fused, calib, opts, progress)
+        summary.rounded = {
+            f: f"{config.rounding}, {100 * v:.1f}% rounded away from nearest" for f, v in flips.items()
+        }
+    gone = set(summary.folded) | set(summary.fused)  # modules now nn.Identity: saved, so load can match
+    model.lowbit_identity = sorted(set(getattr(model, "lowbit_identity", ())) | gone)
+    model.lowbit_inputs = spec  # shapes/dtypes of a calibration batch: an export example
+    return summary
+
+
+_GRANULARITY = {"adaround": "layer", "brecq": "block"}
+
+
+def _swap_layers(model, config: StaticW8A8, targets: dict, observers, fused: dict, summary, progress) -> dict:
+    """Replace each calibrated target by its static layer; returns fqn -> (float weight, weight scales)
+    of the swapped layers (what learned rounding starts from)."""
+    ins, outs, means = observers
+    act_spec, w_spec = ACTIVATION_SPECS[config.activation_format], weight_spec(config.weight_bits)
+    weights = {}
     for fqn, m in tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress):
         in_obs, out_obs = ins[fqn], outs.get(fqn)
         if in_obs.batches == 0:
             summary.skipped[fqn] = "no calibration batch reached it"
             continue
         try:
-            q = STATIC_FLOAT_TO_Q[type(m)].from_float(m, WEIGHT_SPEC, act_spec)
+            q = STATIC_FLOAT_TO_Q[type(m)].from_float(m, w_spec, act_spec)
         except LowbitError as e:
             summary.skipped[fqn] = str(e)
             continue
-        qt = quantize_weight(m.weight, config.weight_observer, f"{fqn}.weight")
+        qt = quantize_weight(m.weight, config.weight_observer, f"{fqn}.weight", w_spec)
         q.set_weight(qt)
+        weights[fqn] = (m.weight.detach().float(), qt.scale)
         if m.bias is not None:
             q.bias = m.bias.detach().clone()
         if means:
@@ -121,11 +165,7 @@ def _static_w8a8(model: nn.Module, config: StaticW8A8, calib, select: Selector, 
         if fqn in fused:
             model.set_submodule(fused[fqn], nn.Identity())
             summary.fused[fused[fqn]] = fqn
-    _swap_adds(model, adds, act_spec, summary)
-    gone = set(summary.folded) | set(summary.fused)  # modules now nn.Identity: saved, so load can match
-    model.lowbit_identity = sorted(set(getattr(model, "lowbit_identity", ())) | gone)
-    model.lowbit_inputs = spec  # shapes/dtypes of a calibration batch: an export example
-    return summary
+    return weights
 
 
 class _Both:
