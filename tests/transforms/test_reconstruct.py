@@ -517,3 +517,16 @@ def test_recon_device_runs_where_asked():
     net, summary = _quantized(config, calib=_batches(2))
     assert list(summary.rounded) == LAYERS
     assert all(q.qweight.device.type == "cpu" for q in _static(net).values())
+
+
+def test_static_schemes_take_learned_rounding():
+    """``w<b>a8-static`` with ``--method adaround|brecq`` (the CLI's parse)."""
+    from lowbit.transforms.schemes import parse_scheme
+
+    assert parse_scheme("w8a8-static") == StaticW8A8()
+    assert parse_scheme("w4a8-static", "brecq") == StaticW8A8(weight_bits=4, rounding="brecq")
+    assert parse_scheme("w3a8-static", "adaround") == StaticW8A8(weight_bits=3, rounding="adaround")
+    with pytest.raises(LowbitError, match="does not apply"):
+        parse_scheme("w4g128", "brecq")
+    with pytest.raises(LowbitError, match="weight bits must be 2..8"):
+        parse_scheme("w9a8-static")

@@ -284,7 +284,7 @@ class StaticW8A8(QuantConfig):
         after calibration and bias correction (``lowbit.transforms.reconstruct``): ``recon_steps``
         Adam steps per unit, on ``recon_device`` (e.g. "cuda"; None: where the model is). A unit whose
         learned rounding fits its calibration data worse than nearest keeps nearest. Fashion-MNIST
-        CNN, W3A8: nearest 84.17%, adaround/brecq 89.75% (fp32 91.44; benchmarks/results).
+        CNN, W3A8: nearest 84.17%, adaround 90.14% (fp32 91.44; benchmarks/results).
     Version 2 added ``equalize``, version 3 ``stretch_relu6``, version 4 ``weight_bits`` and learned
     rounding; older dicts load with what they ran (``equalize=False``, ``stretch_relu6=False``).
     """
