@@ -345,10 +345,10 @@ def test_stacked_gptq_gives_each_linear_its_own_result():
     for lead, names in groups.items():
         if len(names) < 2:
             continue
-        stacked = blk._round_group(names, mods, stats[lead], plan, "model.layers.0")
+        stacked = blk._round_group(names, mods, stats[lead], plan, "model.layers.0", {})
         assert list(stacked) == names
         for name, qt in stacked.items():
-            alone = blk._round(mods[name].weight.detach(), stats[lead], plan, name)
+            alone, _ = blk._round(mods[name].weight.detach(), stats[lead], plan, name)
             assert (qt.codes != alone.codes).float().mean() < 1e-3  # measured: equal
             torch.testing.assert_close(qt.scale, alone.scale)
             torch.testing.assert_close(qt.zero_point, alone.zero_point)
@@ -377,7 +377,7 @@ def test_true_sequential_takes_each_hessian_from_the_block_quantized_so_far():
     assert not same(state(seq_block, "self_attn.o_proj"), state(par_block, "self_attn.o_proj"))
     # down_proj, rounded last, saw the inputs the finished block gives it
     st = blk.gather(seq_block, {"mlp.down_proj": ["mlp.down_proj"]}, plan, cap.hidden, cap.kwargs[0])
-    qt = blk._round(floats["mlp.down_proj"], st["mlp.down_proj"], plan, "down")
+    qt, _ = blk._round(floats["mlp.down_proj"], st["mlp.down_proj"], plan, "down")
     q = plan.qcls.from_float(torch.nn.Linear(*reversed(floats["mlp.down_proj"].shape), bias=False), plan.spec)
     q.set_weight(qt)
     assert same(q.state_dict(), state(seq_block, "mlp.down_proj"))
