@@ -14,7 +14,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
 .PHONY: venv fashion-mnist qwen bench-venv demo test test-fast lint format bench bench-quality bench-speed \
-	bench-static bench-gptq bench-dist bench-qat clean
+	bench-static bench-gptq bench-dist bench-qat bench-mixed clean
 
 venv: $(STAMP)
 
@@ -87,6 +87,9 @@ bench-gptq: $(BENCH_STAMP)
 # Fashion-MNIST is read from $(VENV)'s unpacked copy.
 bench-qat: $(STAMP) $(BENCH_STAMP)
 	LOWBIT_FASHION_MNIST=$(FMNIST) $(BENCH_PY) benchmarks/qat_cnn.py --peer
+
+bench-mixed: $(STAMP)
+	$(PY) benchmarks/mixed_precision.py
 
 bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py

@@ -23,6 +23,7 @@ RANK = {
     "eval": 6,
     "training": 6.5,  # the QAT job (lowbit.qat + export), called by workflows
     "workflows": 7,
+    "autotune": 7.5,  # mixed precision: plans over transforms, its CLI job over workflows
     "cli": 8,
 }
 

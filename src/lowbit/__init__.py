@@ -14,7 +14,7 @@
     lowbit.quantize_folder(lowbit.models.cached_folder("smollm2-135m"), gptq, "out/gptq", calib)
 
 Importing lowbit loads torch only: no CUDA initialisation, no model or data access. ``models``, ``qat``,
-``data``, ``eval`` and ``workflows`` are imported on first use.
+``autotune``, ``data``, ``eval`` and ``workflows`` are imported on first use.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from lowbit.transforms.comm import TorchComm
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "data", "eval", "qat", "workflows")
+_LAZY = ("models", "data", "eval", "qat", "autotune", "workflows")
 
 __all__ = [
     "CheckpointError",

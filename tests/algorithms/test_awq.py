@@ -73,6 +73,27 @@ def test_scales_never_worse_than_rtn(spec, salient):
     assert scaled_objective(ws, x, spec, s) <= scaled_objective(ws, x, spec, torch.ones_like(s)) * (1 + 1e-6)
 
 
+def mixed_objective(ws, x, specs, s):
+    return sum(out_err(w, rtn(w * s, sp).dequantize() / s, x) for w, sp in zip(ws, specs, strict=True))
+
+
+def test_scales_take_one_spec_per_weight():
+    """Linears of one input in different formats: each weight is scored in its own spec; the search
+    picks the best candidate of that mixed objective (the single-spec searches pick among the same
+    candidates), and one spec per weight equal to a single spec gives the same scales."""
+    ws, x = data(seed=0, salient=0)
+    mixed = [SPECS["uint3-g32"], SPECS["uint4-g64"]]
+    assert torch.equal(awq_scales(ws, x, [mixed[0]] * 2, grid=10), awq_scales(ws, x, mixed[0], grid=10))
+    s = awq_scales(ws, x, mixed, grid=10)
+    singles = [awq_scales(ws, x, spec, grid=10) for spec in mixed]
+    assert not any(torch.equal(s, o) for o in singles)  # on this data the mixed search picks neither
+    best = mixed_objective(ws, x, mixed, s)
+    for other in [torch.ones_like(s), *singles]:
+        assert best <= mixed_objective(ws, x, mixed, other) * (1 + 1e-6)
+    with pytest.raises(LowbitError, match="3 specs for 2 weights"):
+        awq_scales(ws, x, [*mixed, mixed[0]])
+
+
 @pytest.mark.parametrize(
     ("spec", "limit_scales", "limit_both"),
     [

@@ -21,15 +21,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for ``support``
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "gptq-mixed")
+MIXED = {  # per-layer formats: q (3-bit) and k (g32) differ from v inside one input group
+    "model.layers.0.self_attn.q_proj": {"bits": 3},
+    "model.layers.0.self_attn.k_proj": {"group_size": 32},
+    "model.layers.1.mlp.down_proj": {"bits": 2, "group_size": 0},
+}
 
 
 def config(method: str, group_size: int = 16):
     from lowbit import SmoothQuant, WeightOnly
 
-    return (
-        SmoothQuant() if method == "smoothquant" else WeightOnly(bits=4, group_size=group_size, method=method)
-    )
+    if method == "smoothquant":
+        return SmoothQuant()
+    if method == "gptq-mixed":
+        return WeightOnly(bits=4, group_size=group_size, method="gptq", layers=MIXED)
+    return WeightOnly(bits=4, group_size=group_size, method=method)
 
 
 def calib(n: int = 6):

@@ -58,9 +58,11 @@ def test_old_weight_only_dicts_still_load():
     assert config_from_dict(v3).compute_dtype == "float32"
     v4 = {k: v for k, v in new.items() if not k.startswith("train_")} | {"version": 4}
     assert config_from_dict(v4) == WeightOnly(method="gptq", version=4)  # version 5 added method qat
-    assert WeightOnly().version == 5 and WeightOnly().compute_dtype == "auto"
+    v5 = {k: v for k, v in new.items() if k != "layers"} | {"version": 5}
+    assert config_from_dict(v5).layers == {}  # version 6 added per-layer formats
+    assert WeightOnly().version == 6 and WeightOnly().compute_dtype == "auto"
     with pytest.raises(FormatVersionError, match="newer"):
-        config_from_dict(WeightOnly().to_dict() | {"version": 6})
+        config_from_dict(WeightOnly().to_dict() | {"version": 7})
 
 
 @pytest.mark.parametrize(
@@ -338,6 +340,7 @@ def test_gather_stops_early_with_the_same_statistics():
 
 def test_stacked_gptq_gives_each_linear_its_own_result():
     from lowbit.transforms import block as blk
+    from lowbit.transforms import block_round
 
     block, cap, targets, groups, plan = _block0_stats(_calib(n=4, length=16))
     stats = blk.gather(block, groups, plan, cap.hidden, cap.kwargs[0])
@@ -345,10 +348,12 @@ def test_stacked_gptq_gives_each_linear_its_own_result():
     for lead, names in groups.items():
         if len(names) < 2:
             continue
-        stacked = blk._round_group(names, mods, stats[lead], plan, "model.layers.0", {})
+        stacked = block_round.round_group(names, mods, stats[lead], plan, "model.layers.0", {})
         assert list(stacked) == names
         for name, qt in stacked.items():
-            alone, _ = blk._round(mods[name].weight.detach(), stats[lead], plan, name)
+            alone, _ = block_round.round_weight(
+                mods[name].weight.detach(), stats[lead], plan, plan.spec, name
+            )
             assert (qt.codes != alone.codes).float().mean() < 1e-3  # measured: equal
             torch.testing.assert_close(qt.scale, alone.scale)
             torch.testing.assert_close(qt.zero_point, alone.zero_point)
@@ -368,6 +373,7 @@ def _quantized_block0(true_sequential: bool):
 
 def test_true_sequential_takes_each_hessian_from_the_block_quantized_so_far():
     from lowbit.transforms import block as blk
+    from lowbit.transforms import block_round
 
     seq_block, cap, groups, plan, floats = _quantized_block0(True)
     par_block = _quantized_block0(False)[0]
@@ -377,7 +383,7 @@ def test_true_sequential_takes_each_hessian_from_the_block_quantized_so_far():
     assert not same(state(seq_block, "self_attn.o_proj"), state(par_block, "self_attn.o_proj"))
     # down_proj, rounded last, saw the inputs the finished block gives it
     st = blk.gather(seq_block, {"mlp.down_proj": ["mlp.down_proj"]}, plan, cap.hidden, cap.kwargs[0])
-    qt, _ = blk._round(floats["mlp.down_proj"], st["mlp.down_proj"], plan, "down")
+    qt, _ = block_round.round_weight(floats["mlp.down_proj"], st["mlp.down_proj"], plan, plan.spec, "down")
     q = plan.qcls.from_float(torch.nn.Linear(*reversed(floats["mlp.down_proj"].shape), bias=False), plan.spec)
     q.set_weight(qt)
     assert same(q.state_dict(), state(seq_block, "mlp.down_proj"))

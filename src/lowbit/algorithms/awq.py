@@ -36,7 +36,7 @@ Tensor = torch.Tensor
 def awq_scales(
     weights: Sequence[Tensor],
     x: Tensor,
-    spec: QuantSpec,
+    spec: QuantSpec | Sequence[QuantSpec],
     *,
     grid: int = 20,
     max_rows: int = 4096,
@@ -46,12 +46,19 @@ def awq_scales(
 
     ``weights``: ``(out_i, in)`` each (e.g. the q, k, v projections); ``x``: ``(..., in)``. Candidates are
     ``s = mean|x|^a`` normalised by ``sqrt(max(s) * min(s))`` for ``a`` in ``0, 1/grid, ..., (grid-1)/grid``
-    (AWQ's reference search); the one minimising ``sum_i ||x W_i^T - (x / s) Q(W_i * s)^T||^2`` wins, with
-    ``Q`` RTN to ``spec``. ``a = 0`` gives ``s = 1`` (plain RTN), so the result is never worse on ``x``.
+    (AWQ's reference search); the one minimising ``sum_i ||x W_i^T - (x / s) Q_i(W_i * s)^T||^2`` wins,
+    with ``Q_i`` RTN to ``spec``, or to ``spec[i]`` when given one spec per weight (Linears of one input
+    quantized to different formats). ``a = 0`` gives ``s = 1`` (plain RTN), so the result is never
+    worse on ``x``.
     """
     if grid < 1:
         raise LowbitError(f"grid must be >= 1, got {grid}")
     ws, x2 = _check_inputs(weights, x, name)
+    specs = [spec] * len(ws) if isinstance(spec, QuantSpec) else list(spec)
+    if len(specs) != len(ws):
+        raise LowbitError(
+            f"{name}: {len(specs)} specs for {len(ws)} weights: give one spec, or one per weight"
+        )
     x_mean = x2.abs().mean(0)
     xs = _subsample(x2, max_rows)
     gram = xs.T @ xs
@@ -59,7 +66,8 @@ def awq_scales(
     for i in range(grid):
         s = x_mean.pow(i / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(_gram_error(w - rtn(w * s, spec, name).dequantize() / s, gram) for w in ws)
+        pairs = zip(ws, specs, strict=True)
+        err = sum(_gram_error(w - rtn(w * s, sp, name).dequantize() / s, gram) for w, sp in pairs)
         if err < best_err:
             best_s, best_err = s, err
     return best_s

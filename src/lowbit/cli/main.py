@@ -101,14 +101,50 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("model", help="model reference or checkpoint: its Linear shapes are measured")
     a.add_argument("--schemes", nargs="+", default=["w8", "w4g128", "w8a8"], help="schemes to compare")
     a.add_argument("--refresh", action="store_true", help="measure again what the cache already has")
+    t = sub.add_parser("autotune", help="choose each layer's weight format under a budget (mixed precision)")
+    _autotune_args(t)
     for s in (b, a):
         s.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64], help="activation rows")
         s.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
-    for s in (q, e, b, a):
+    for s in (q, e, b, a, t):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
-    for s in (b, a):
+    for s in (b, a, t):
         s.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
+
+
+def _autotune_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--model", required=True, help="bundled name (smollm2-135m), HF folder or .gguf file")
+    t.add_argument("--calib", required=True, help="calibration text, wiki:NxL (e.g. wiki:32x512)")
+    t.add_argument("--out", required=True, help="output folder of the chosen model (written atomically)")
+    t.add_argument("--max-size", help="budget: stored bytes of the planned layers (e.g. 60MB, 1.5GiB)")
+    t.add_argument("--bits", type=float, help="budget: bits per weight over the planned layers (3.375)")
+    t.add_argument(
+        "--max-ppl-increase", help="budget: perplexity increase over the float model, e.g. 5%% or 0.05"
+    )
+    t.add_argument(
+        "--candidates",
+        help="formats each layer may take, comma-separated (default "
+        "w2g64,w3g128,w3g64,w4g128,w4g64,w5g128,w6g128,w8)",
+    )
+    t.add_argument("--base", default="w4g128", help="scheme of layers not planned (tied, excluded from plan)")
+    t.add_argument("--method", default="awq+gptq", help="rounding method of the plan (default awq+gptq)")
+    t.add_argument("--include", action="append", default=[], help="module-name glob or re:REGEX (repeatable)")
+    t.add_argument("--exclude", action="append", default=[], help="module-name glob or re:REGEX (repeatable)")
+    t.add_argument("--pareto", type=int, default=0, help="also save and evaluate N plans along the frontier")
+    t.add_argument("--rounds", type=int, default=1, help="--max-ppl-increase: measured correction rounds")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _fraction(text: str | None) -> float | None:
+    """0.05 for "5%" or "0.05"; None stays None."""
+    if text is None:
+        return None
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise LowbitError(f"bad --max-ppl-increase {text!r}; write e.g. 5% or 0.05") from None
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -129,6 +165,26 @@ def _run(args: argparse.Namespace) -> dict:
             progress=not args.quiet,
             distributed=args.distributed,
             train={"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs},
+        )
+    if args.command == "autotune":
+        from lowbit.autotune import workflow
+
+        return workflow.run(
+            args.model,
+            args.out,
+            calib=args.calib,
+            max_size=args.max_size,
+            bits=args.bits,
+            max_ppl_increase=_fraction(args.max_ppl_increase),
+            candidates=args.candidates or None,
+            base=args.base,
+            method=args.method,
+            include=args.include,
+            exclude=args.exclude,
+            pareto=args.pareto,
+            rounds=args.rounds,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
         )
     if args.command == "export":
         return workflows.export(args.model, args.format, args.out, overwrite=args.overwrite)

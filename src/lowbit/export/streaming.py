@@ -37,7 +37,7 @@ from lowbit.core.heap import map_big_allocations, trim_heap
 from lowbit.export.checkpoint import check_target
 from lowbit.export.staging import STAGE_SUFFIX, StagedStore, write_checkpoint
 from lowbit.transforms.comm import SOLO, Comm, digest_batches
-from lowbit.transforms.configs import QuantConfig
+from lowbit.transforms.configs import QuantConfig, WeightOnly
 from lowbit.transforms.mappings import architecture, blocks_path
 from lowbit.transforms.quantize import Selector
 from lowbit.transforms.sequential import (
@@ -48,6 +48,7 @@ from lowbit.transforms.sequential import (
     run_pipeline,
 )
 from lowbit.transforms.source import HEAD, Source, embedding_fqn, materialise
+from lowbit.transforms.weight_only import check_layers
 
 __all__ = ["STAGE_SUFFIX", "quantize_folder"]
 
@@ -112,6 +113,8 @@ def quantize_folder(
     source = Source(src)
     model, path = _skeleton(src, source)
     select = Selector(include, exclude)
+    if isinstance(config, WeightOnly):
+        check_layers(model, config, select, by_blocks=True)  # per-layer formats name layers it has
     summary = pipeline_summary(config, plan, model)
     fingerprint = {"config": config.to_dict(), "include": list(include), "exclude": list(exclude)}
     fingerprint |= {"source": source.stamp(), "calib": digest_batches(batches) if plan.needs_data else None}

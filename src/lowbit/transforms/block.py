@@ -2,6 +2,8 @@
 statistics of its Linears from a forward (Hessians for GPTQ, sampled input rows for AWQ, per-channel
 max |x| for SmoothQuant; Linears reading the same input share them), fold equivalence scales, round
 each input group and swap in quantized modules, then run the quantized block to give the next inputs.
+The rounding itself (the ``BlockPlan``, each Linear's spec, GPTQ on stacked groups) is
+``lowbit.transforms.block_round``.
 
 GPTQ may run "true sequential" (``BlockPlan.true_sequential``, as in the GPTQ reference code;
 llm-compressor takes every Hessian of a block from its float forward): q/k/v are rounded from the
@@ -22,53 +24,15 @@ from torch import nn
 
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.errors import LowbitError
-from lowbit.core.spec import QuantSpec
 from lowbit.nn.modules import QLinear
-from lowbit.transforms.block_train import Training, train_block
+from lowbit.transforms.block_round import BlockPlan, InputStats, round_group, share_group
+from lowbit.transforms.block_train import train_block
 from lowbit.transforms.comm import SOLO, Comm
 from lowbit.transforms.mappings import Architecture, fold_scales, resolve
-from lowbit.transforms.swap import rounding
+
+__all__ = ["BlockPlan", "BlockResult", "compute_dtype", "gather", "quantize_block"]
 
 SAMPLE_ROWS = 4096  # input rows kept (seeded random subset) per Linear input for AWQ's searches
-GPTQ_BLOCK = 128  # columns per GPTQ lazy batch update
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """What ``quantize_block`` does to each Linear of a block.
-
-    scales: "awq" | "smooth" | None (equivalence scales folded first). rounding: "rtn" | "hqq" |
-    "gptq" | "awq" (AWQ's clipping search). qcls: the quantized module class. true_sequential: GPTQ
-    statistics of each input group from the block quantized up to it (module docstring).
-    compute: matmul dtype of the block's calibration forwards, "auto" | "float32" | "bfloat16"
-    (``compute_dtype``). train: after rounding, train the rounded Linears against the float block's
-    outputs (``lowbit.transforms.block_train``; method "qat")."""
-
-    spec: QuantSpec
-    qcls: type[QLinear] = QLinear
-    scales: str | None = None
-    rounding: str = "rtn"
-    alpha: float = 0.5
-    damp: float = 0.01
-    act_order: bool = True
-    mse_clip: bool = True
-    grid: int = 20
-    true_sequential: bool = False
-    compute: str = "float32"
-    train: Training | None = None
-
-    @property
-    def needs_data(self) -> bool:
-        return self.scales is not None or self.rounding in ("gptq", "awq") or self.train is not None
-
-    @property
-    def label(self) -> str:
-        """Name of the method for progress bars: "gptq", "awq", "awq+gptq", "smoothquant", "rtn", ..."""
-        if self.scales == "smooth":
-            return "smoothquant"
-        if self.train is not None:
-            return "qat"
-        return f"{self.scales}+{self.rounding}" if self.scales not in (None, self.rounding) else self.rounding
 
 
 def compute_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -110,84 +74,6 @@ def _compute(block: nn.Module, name: str) -> Iterator[None]:
         mm.fp32_precision = old
 
 
-class _InputStats:
-    """Statistics of one Linear input ``x (..., in)`` seen during a float forward.
-
-    AWQ's row sample: each row is kept with probability ``keep`` by a draw from a generator seeded per
-    group, rows taken in calibration order; ``skip``: rows of the calibration forwards run by earlier
-    ranks, whose draws come first (so ranks together keep the rows one process would)."""
-
-    def __init__(self, plan: BlockPlan, keep: float, seed: int, skip: int = 0) -> None:
-        self.n = 0
-        self.want_hessian = plan.rounding == "gptq"
-        self.acc = None  # HessianAccumulator, on the device of the first input
-        self.absmax: torch.Tensor | None = None
-        self.rows: list[torch.Tensor] | None = [] if "awq" in (plan.scales, plan.rounding) else None
-        self.want_absmax = plan.scales == "smooth"
-        self.keep, self.gen = keep, torch.Generator().manual_seed(seed)
-        if self.rows is not None and skip:
-            torch.rand(skip, generator=self.gen)
-        self.hessian: torch.Tensor | None = None
-        self.x: torch.Tensor | None = None
-
-    def update(self, x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        self.n += rows.shape[0]
-        if self.want_hessian:
-            if self.acc is None:
-                from lowbit.algorithms.gptq import HessianAccumulator
-
-                self.acc = HessianAccumulator(rows.shape[1], device=rows.device)
-            self.acc.update(rows)
-        if self.want_absmax:
-            amax = rows.abs().amax(0)
-            self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        if self.rows is not None:
-            pick = torch.rand(rows.shape[0], generator=self.gen) < self.keep
-            self.rows.append(rows[pick.to(rows.device)].clone())
-
-    def finish(self, width: int, comm: Comm = SOLO, owner: int = 0, n: int | None = None) -> None:
-        """Combine the ranks' statistics (``n``: the rows all ranks saw): the Hessian on rank ``owner``
-        only (summed in rank order), maxima and sampled rows (in rank order) on every rank."""
-        if self.rows is not None:
-            self.x = comm.cat_all(torch.cat(self.rows) if self.rows else torch.zeros(0, width))
-            self.rows = None
-        if comm.world > 1:
-            self._combine(width, comm, owner, n)
-        elif self.acc is not None and self.n:
-            self.hessian = self.acc.hessian()
-        self.acc = None
-
-    def _combine(self, width: int, comm: Comm, owner: int, n: int) -> None:
-        if self.want_hessian:
-            from lowbit.algorithms.gptq import HessianAccumulator, block_rows
-
-            part = self.acc.total if self.acc is not None else torch.zeros(width, width)
-            total = torch.zeros_like(part) if comm.rank == owner else None
-            for a, b in block_rows(width):  # the upper block rows, the part that holds sums
-                rows = comm.sum_to(part[a:b, a:].contiguous(), owner)
-                if total is not None:
-                    total[a:b, a:] = rows
-            if total is not None and n:
-                self.hessian = HessianAccumulator.from_total(total, n).hessian()
-        if self.want_absmax:
-            self.absmax = comm.max_all(self.absmax if self.absmax is not None else torch.zeros(width))
-        self.n = n
-
-    def rescale(self, s: torch.Tensor) -> None:
-        """The input became ``x / s`` (scales folded into its producer)."""
-        if self.hessian is not None:
-            self.hessian = self.hessian / (s[:, None] * s[None, :])
-        if self.absmax is not None:
-            self.absmax = self.absmax / s
-        if self.x is not None and self.x.numel():
-            self.x = self.x / s
-
-    @property
-    def usable(self) -> bool:
-        return self.n > 0 and (self.x is None or self.x.shape[0] > 0)
-
-
 @dataclass
 class BlockResult:
     """What ``quantize_block`` did: fqn -> description, as in ``PipelineSummary``."""
@@ -224,18 +110,18 @@ def gather(
     kwargs: list[dict],
     comm: Comm = SOLO,
     owner: dict[str, int] | None = None,
-) -> dict[str, _InputStats]:
+) -> dict[str, InputStats]:
     """Statistics per input group (keyed by its first Linear) from a forward of ``block``, in the order
     the first batch reached the groups (groups it never reached last; rank 0's first batch).
 
     Pre-hooks on the leads record their inputs. If the first batch calls every lead exactly once, later
     forwards stop at the last of them (its own product and what follows are never computed).
     With several ranks (``comm``), ``hidden`` is this rank's share of the calibration forwards and the
-    statistics are combined (``_InputStats.finish``; a Hessian on ``owner[lead]`` only)."""
+    statistics are combined (``InputStats.finish``; a Hessian on ``owner[lead]`` only)."""
     rows = comm.counts(sum(h.numel() // h.shape[-1] for h in hidden))
     keep = min(1.0, SAMPLE_ROWS / max(sum(rows), 1))
     skip = sum(rows[: comm.rank])
-    stats = {lead: _InputStats(plan, keep, seed=i, skip=skip) for i, lead in enumerate(groups)}
+    stats = {lead: InputStats(plan, keep, seed=i, skip=skip) for i, lead in enumerate(groups)}
     order: list[str] = []
     first: list[str] = []  # the first batch's order
     last: list[str] = []  # the lead to stop at, once known
@@ -286,84 +172,13 @@ def _fold_maps(block, prefix, arch, plan, stats, lead_of, result) -> None:
             continue
         weights = [c.weight for _, c in consumers]
         if plan.scales == "awq":
-            s = awq_scales(weights, st.x, plan.spec, grid=plan.grid, name=f"{prefix}.{pname}")
+            specs = [plan.spec_of(f"{prefix}.{n}") for n in names]  # each scored with its own spec
+            s = awq_scales(weights, st.x, specs, grid=plan.grid, name=f"{prefix}.{pname}")
         else:
             s = smooth_scales(st.absmax, weights, plan.alpha)
         fold_scales(producer, [c for _, c in consumers], s, arch.norm_offset)
         st.rescale(s)
         result.scaled[f"{prefix}.{pname}"] = ", ".join(names)
-
-
-def _round(
-    w: torch.Tensor, st: _InputStats | None, plan: BlockPlan, name: str
-) -> tuple[QuantizedTensor, torch.Tensor | None]:
-    """``w`` rounded, and for GPTQ before block training (``plan.train``) the values it rounded (where
-    the training starts; ``gptq(return_values=True)``), else None."""
-    if plan.rounding == "gptq":
-        from lowbit.algorithms.gptq import gptq
-
-        opts = {"damp": plan.damp, "act_order": plan.act_order, "mse_clip": plan.mse_clip}
-        opts["block_size"] = GPTQ_BLOCK
-        if plan.train is not None:
-            return gptq(w, st.hessian, plan.spec, **opts, name=name, return_values=True)
-        return gptq(w, st.hessian, plan.spec, **opts, name=name), None
-    if plan.rounding == "awq":
-        from lowbit.algorithms.awq import awq_clip
-
-        return awq_clip(w, st.x, plan.spec, grid=plan.grid, name=name), None
-    return rounding(plan.rounding)(w, plan.spec, name), None
-
-
-def _round_group(
-    names: list[str],
-    mods: dict[str, nn.Linear],
-    st: _InputStats | None,
-    plan: BlockPlan,
-    prefix: str,
-    starts: dict[str, torch.Tensor],
-) -> dict[str, QuantizedTensor]:
-    """Round the Linears ``names`` that share input statistics ``st``: name -> its quantized weight;
-    the values GPTQ rounded, where block training starts, go to ``starts`` (``_round``).
-
-    GPTQ on 2+ Linears (q/k/v, gate/up) runs once on their weights stacked along the output dim: rows
-    are independent given the shared Hessian, so each Linear gets its own result, with one
-    factorisation and one column sweep instead of one per Linear. A group that saw no calibration
-    token is rounded without data (HQQ; ``_uncalibrated``)."""
-    if plan.needs_data and not st.usable:
-        return {n: rounding("hqq")(mods[n].weight.detach(), plan.spec, f"{prefix}.{n}.weight") for n in names}
-    if plan.rounding != "gptq" or len(names) < 2:
-        out = {}
-        for n in names:
-            out[n], values = _round(mods[n].weight.detach(), st, plan, f"{prefix}.{n}.weight")
-            if values is not None:
-                starts[n] = values
-        return out
-    name = f"{prefix}.{{{','.join(names)}}}.weight"
-    qt, values = _round(torch.cat([mods[n].weight.detach() for n in names]), st, plan, name)
-    out, start = {}, 0
-    for n in names:
-        rows = slice(start, start + mods[n].weight.shape[0])
-        zp = None if qt.zero_point is None else qt.zero_point[rows].clone()
-        out[n] = QuantizedTensor(qt.codes[rows].clone(), qt.scale[rows].clone(), zp, qt.spec)
-        if values is not None:
-            starts[n] = values[rows].clone()
-        start = rows.stop
-    return out
-
-
-def _shared(
-    qts: dict[str, QuantizedTensor] | None, names: list[str], spec: QuantSpec, src: int, comm: Comm
-) -> dict[str, QuantizedTensor]:
-    """The quantized weights ``qts`` of one group, rounded on rank ``src``, on every rank."""
-    if comm.world == 1:
-        return qts
-    flat = (
-        [t for n in names for t in (qts[n].codes, qts[n].scale, qts[n].zero_point)]
-        if qts
-        else [None] * (3 * len(names))
-    )
-    flat = comm.broadcast(flat, src)
-    return {n: QuantizedTensor(*flat[3 * k : 3 * k + 3], spec) for k, n in enumerate(names)}
 
 
 def _input_groups(block: nn.Module, arch: Architecture, targets: list) -> dict[str, list[str]]:
@@ -391,11 +206,14 @@ def _stand_in(block: nn.Module, name: str, m: nn.Linear, q: QLinear) -> None:
         block.set_submodule(name, q)
 
 
-def _cost(names: list[str], mods: dict[str, nn.Linear], plan: BlockPlan) -> float:
+def _cost(names: list[str], mods: dict[str, nn.Linear], plan: BlockPlan, prefix: str) -> float:
     """Relative cost of rounding an input group: GPTQ's sweep and factorisation ``in^2 (out + in/3)``
-    (down_proj's wide input dominates), else the weight size."""
+    (down_proj's wide input dominates; one factorisation per Linear when their specs differ), else
+    the weight size."""
     out, width = sum(mods[n].out_features for n in names), mods[names[0]].in_features
-    return width * width * (out + width / 3) if plan.rounding == "gptq" else out * width
+    mixed = len({plan.spec_of(f"{prefix}.{n}") for n in names}) > 1
+    runs = len(names) if mixed else 1
+    return width * width * (out + runs * width / 3) if plan.rounding == "gptq" else out * width
 
 
 @dataclass
@@ -412,17 +230,18 @@ class _Block:
     swaps: dict[str, QLinear] = field(default_factory=dict)
     starts: dict[str, torch.Tensor] = field(default_factory=dict)  # where block training starts
 
-    def round_own(self, lead: str, st: _InputStats | None) -> dict[str, QuantizedTensor] | None:
+    def round_own(self, lead: str, st: InputStats | None) -> dict[str, QuantizedTensor] | None:
         """Group ``lead`` rounded if this rank owns it, else None."""
         if self.owner[lead] != self.comm.rank:
             return None
-        return _round_group(self.groups[lead], self.mods, st, self.plan, self.prefix, self.starts)
+        return round_group(self.groups[lead], self.mods, st, self.plan, self.prefix, self.starts)
 
     def swap(self, lead: str, qts: dict[str, QuantizedTensor] | None) -> None:
-        """Build group ``lead``'s quantized modules from its owner's ``qts``; stand them in."""
-        names, plan = self.groups[lead], self.plan
-        for name, qt in _shared(qts, names, plan.spec, self.owner[lead], self.comm).items():
-            m = self.swaps[name] = plan.qcls.from_float(self.mods[name], plan.spec)
+        """Build group ``lead``'s quantized modules (each with its spec) from its owner's ``qts``;
+        stand them in."""
+        specs = {n: self.plan.spec_of(f"{self.prefix}.{n}") for n in self.groups[lead]}
+        for name, qt in share_group(qts, specs, self.owner[lead], self.comm).items():
+            m = self.swaps[name] = self.plan.qcls.from_float(self.mods[name], specs[name])
             m.set_weight(qt)
             if self.mods[name].bias is not None:
                 m.bias = self.mods[name].bias.detach().clone()
@@ -464,9 +283,9 @@ def quantize_block(
             reference[:] = wanted
     targets = _linears(block, prefix, select)
     mods, groups = dict(targets), _input_groups(block, arch, targets)
-    owners = comm.owners([_cost(names, mods, plan) for names in groups.values()])
+    owners = comm.owners([_cost(names, mods, plan, prefix) for names in groups.values()])
     b = _Block(block, prefix, plan, mods, groups, dict(zip(groups, owners, strict=True)), comm)
-    stats: dict[str, _InputStats] = {}
+    stats: dict[str, InputStats] = {}
     if plan.needs_data:
         with _compute(block, plan.compute):
             stats = gather(block, groups, plan, hidden, kwargs, comm, b.owner)

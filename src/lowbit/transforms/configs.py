@@ -6,7 +6,8 @@ unknown fields and newer versions are refused with a clear error.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 
 from lowbit.core.errors import FormatVersionError, LowbitError
 from lowbit.core.spec import PerChannel, PerGroup, QuantSpec
@@ -66,6 +67,34 @@ def _weight_spec(bits: int, group_size: int | None, symmetric: bool, scale_dtype
     return QuantSpec(fmt, symmetric, gran, scale_dtype)
 
 
+LAYER_KEYS = ("bits", "group_size", "symmetric")  # of a ``WeightOnly.layers`` entry
+
+
+def _check_layer(fqn: object, entry: object) -> dict:
+    """A copy of the ``WeightOnly.layers`` entry ``entry`` of ``fqn``; ``LowbitError`` naming ``fqn``
+    for a non-string name, a non-mapping entry, unknown keys or values out of range."""
+    if not isinstance(fqn, str) or not fqn:
+        raise LowbitError(f"WeightOnly.layers keys must be module names (fqn strings), got {fqn!r}")
+    if not isinstance(entry, Mapping):
+        raise LowbitError(f"WeightOnly.layers[{fqn!r}] must be a mapping of {LAYER_KEYS}, got {entry!r}")
+    unknown = sorted(set(entry) - set(LAYER_KEYS))
+    if unknown:
+        raise LowbitError(
+            f"WeightOnly.layers[{fqn!r}]: unknown keys {unknown}; known: {', '.join(LAYER_KEYS)}"
+        )
+    bits, group = entry.get("bits"), entry.get("group_size")
+    if "bits" in entry and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
+        raise LowbitError(f"WeightOnly.layers[{fqn!r}]: bits must be an integer 2..8, got {bits!r}")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
+        raise LowbitError(
+            f"WeightOnly.layers[{fqn!r}]: group_size must be a positive integer, or 0 / None for one scale "
+            f"per output channel, got {group!r}"
+        )
+    if not isinstance(entry.get("symmetric", False), bool):
+        raise LowbitError(f"WeightOnly.layers[{fqn!r}]: symmetric must be true or false")
+    return dict(entry)
+
+
 WEIGHT_METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "qat")
 CALIB_METHODS = ("gptq", "awq", "awq+gptq", "qat")  # need calibration batches (``quantize_(..., calib=)``)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # of the calibration forwards (``WeightOnly``)
@@ -113,12 +142,19 @@ class WeightOnly(QuantConfig):
     points (cosine decay), calibration samples per step (``lowbit.transforms.block_train``).
     train_target: what each block trains toward: "block", the float block's outputs on its quantized
     inputs, or "model", the float model's outputs of that block (``block_train.Training.target``).
+    layers: per-layer formats (a mixed-precision plan): module fqn (e.g. "model.layers.3.mlp.down_proj")
+    -> ``{"bits": 2..8, "group_size": g (0 or None: per output channel), "symmetric": bool}``, every
+    key optional, missing ones taken from this config (for an Embedding: from its embedding options).
+    Each named module must be a Linear or Embedding the handler quantizes (checked before the model
+    changes, ``lowbit.transforms.weight_only.check_layers``); an LM head tied to an embedding takes
+    the embedding's format (an entry of its own must agree). Every method honours it
+    (``linear_spec(fqn)``, ``embedding_spec(fqn)``; ``lowbit.transforms.block_round.BlockPlan``).
     Version 2 added method options, version 3 ``true_sequential``, version 4 ``compute_dtype``,
-    version 5 method ``qat`` and its ``train_*`` options; older dicts load as what they ran
-    (``compute_dtype="float32"``).
+    version 5 method ``qat`` and its ``train_*`` options, version 6 ``layers``; older dicts load as
+    what they ran (``compute_dtype="float32"``, no per-layer formats).
     """
 
-    VERSION = 5
+    VERSION = 6
 
     bits: int = 4
     group_size: int | None = 128
@@ -139,9 +175,13 @@ class WeightOnly(QuantConfig):
     train_qparam_lr: float = 1e-2
     train_batch: int = 4
     train_target: str = "block"
-    version: int = 5
+    layers: dict[str, dict] = field(default_factory=dict, hash=False)
+    version: int = 6
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, Mapping):
+            raise LowbitError(f"WeightOnly.layers must map module names to formats, got {self.layers!r}")
+        object.__setattr__(self, "layers", {k: _check_layer(k, v) for k, v in self.layers.items()})
         self.linear_spec()
         self.embedding_spec()
         if self.method not in WEIGHT_METHODS:
@@ -173,15 +213,23 @@ class WeightOnly(QuantConfig):
     def needs_calib(self) -> bool:
         return self.method in CALIB_METHODS
 
-    def linear_spec(self) -> QuantSpec:
-        return _weight_spec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+    def linear_spec(self, fqn: str | None = None) -> QuantSpec:
+        """Spec of the Linear ``fqn``: its ``layers`` entry over this config's bits / group / symmetry."""
+        return self._spec(fqn, self.bits, self.group_size)
 
-    def embedding_spec(self) -> QuantSpec | None:
+    def embedding_spec(self, fqn: str | None = None) -> QuantSpec | None:
+        """Spec of the Embedding ``fqn`` (its ``layers`` entry over the embedding options); None when
+        embeddings stay float (``quantize_embeddings=False``)."""
         if not self.quantize_embeddings:
             return None
         bits = self.embedding_bits if self.embedding_bits is not None else self.bits
         group = self.embedding_group_size if self.embedding_group_size is not None else self.group_size
-        return _weight_spec(bits, group, self.symmetric, self.scale_dtype)
+        return self._spec(fqn, bits, group)
+
+    def _spec(self, fqn: str | None, bits: int, group: int | None) -> QuantSpec:
+        entry = self.layers.get(fqn, {}) if fqn is not None else {}
+        bits, group = entry.get("bits", bits), entry.get("group_size", group)
+        return _weight_spec(bits, group, entry.get("symmetric", self.symmetric), self.scale_dtype)
 
 
 @register_config

@@ -19,7 +19,7 @@ def int8_dynamic(
     """Linear layers run W8A8; embeddings (and a head tied to one) are int8 weight-only. Distributed
     (``comm``), every rank rounds the whole model (round-to-nearest: nothing worth dealing out)."""
 
-    def plan(m: nn.Module):
+    def plan(m: nn.Module, fqn: str):
         if isinstance(m, nn.Embedding):
             spec = config.embedding_spec()
             return (FLOAT_TO_Q[nn.Embedding], spec) if spec is not None else None

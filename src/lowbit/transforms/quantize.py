@@ -77,6 +77,9 @@ class QuantSummary:
 
     def __str__(self) -> str:
         lines = [f"{type(self.config).__name__}: {len(self.quantized)} modules quantized"]
+        formats = weight_formats(self.quantized)
+        if len(formats) > 1:  # a mixed-precision plan (``WeightOnly.layers``)
+            lines.append("  formats: " + ", ".join(f"{k} x{v}" for k, v in formats.most_common()))
         if self.folded:
             lines.append(f"  folded: {len(self.folded)} BatchNorm layers into their convs")
         if self.equalized:
@@ -95,6 +98,14 @@ class QuantSummary:
             ops = ", ".join(f"{k} x{v}" for k, v in self.float_ops.items())
             lines.append(f"  float ops: {ops}; functional ops between layers (adds, attention matmuls) too")
         return "\n".join(lines)
+
+
+def weight_formats(quantized: dict[str, str]) -> Counter:
+    """Weight formats ("uint4 g32 asym") of the layers in ``QuantSummary.quantized``, counted, read
+    from their descriptions (``QuantizedWeightModule.extra_repr``: "out x in, format group symmetry,
+    scale dtype"); other descriptions are not counted."""
+    parts = (d.split(", ") for d in quantized.values())
+    return Counter(p[1] for p in parts if len(p) > 1 and re.fullmatch(r"\d+x\d+", p[0]))
 
 
 class Selector:

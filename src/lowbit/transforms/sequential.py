@@ -36,7 +36,8 @@ from lowbit.algorithms.rtn import rtn
 from lowbit.core.errors import LowbitError
 from lowbit.nn.dynamic import QDynamicLinear
 from lowbit.nn.modules import FLOAT_TO_Q
-from lowbit.transforms.block import BlockPlan, BlockResult, compute_dtype, quantize_block
+from lowbit.transforms.block import BlockResult, compute_dtype, quantize_block
+from lowbit.transforms.block_round import BlockPlan
 from lowbit.transforms.block_train import Training
 from lowbit.transforms.calibrate import input_spec
 from lowbit.transforms.comm import SOLO, Comm
@@ -80,7 +81,9 @@ _METHODS = {"awq": ("awq", "awq"), "awq+gptq": ("awq", "gptq"), "qat": ("awq", "
 
 
 def block_plan(config: QuantConfig) -> BlockPlan:
-    """The ``BlockPlan`` of a ``WeightOnly``, ``SmoothQuant`` or ``Int8Dynamic`` config."""
+    """The ``BlockPlan`` of a ``WeightOnly``, ``SmoothQuant`` or ``Int8Dynamic`` config; a
+    ``WeightOnly``'s per-layer formats become ``BlockPlan.layer_specs`` (entries naming layers outside
+    the blocks, such as embeddings, are never read there)."""
     if isinstance(config, SmoothQuant):
         return BlockPlan(config.linear_spec(), QDynamicLinear, scales="smooth", alpha=config.alpha)
     if isinstance(config, Int8Dynamic):
@@ -99,6 +102,7 @@ def block_plan(config: QuantConfig) -> BlockPlan:
         config.linear_spec(), scales=scales, rounding=rnd, damp=config.damp,
         act_order=config.act_order, mse_clip=config.mse_clip, grid=config.awq_grid,
         true_sequential=config.true_sequential, compute=config.compute_dtype, train=train,
+        layer_specs={fqn: config.linear_spec(fqn) for fqn in config.layers},
     )  # fmt: skip
 
 
@@ -214,7 +218,7 @@ def rest_plan(config: QuantConfig) -> tuple[Plan, Rounding]:
     as ``WeightOnly`` (RTN; HQQ for method "hqq") or ``Int8Dynamic`` (also for ``SmoothQuant``) do."""
     if isinstance(config, (SmoothQuant, Int8Dynamic)):
 
-        def plan(m: nn.Module):
+        def plan(m: nn.Module, fqn: str):
             if isinstance(m, nn.Embedding):
                 spec = config.embedding_spec()
                 return (FLOAT_TO_Q[nn.Embedding], spec) if spec is not None else None
@@ -242,7 +246,7 @@ def quantize_rest(
     meta = [n for n, m in model.named_modules() if type(m) in FLOAT_TO_Q and m.weight.is_meta]
     tables = [n for n in meta if not n.startswith(inside)]  # embedding first, as HF models list them
     quantize_tables(model, tables, plan, quantize, outside, summary, store.table)
-    left = [m for n, m in model.named_modules() if type(m) in FLOAT_TO_Q and outside(n) and plan(m)]
+    left = [m for n, m in model.named_modules() if type(m) in FLOAT_TO_Q and outside(n) and plan(m, n)]
     store.load_rest(model, path, left)
     swap_weights(model, plan, outside, summary, False, quantize)
 

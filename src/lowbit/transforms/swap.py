@@ -23,7 +23,8 @@ from lowbit.nn.modules import FLOAT_TO_Q, QuantizedWeightModule
 from lowbit.transforms.configs import WeightOnly
 from lowbit.transforms.quantize import QuantSummary
 
-Plan = Callable[[nn.Module], "tuple[type[QuantizedWeightModule], QuantSpec] | None"]
+# (module, its fqn) -> (quantized class, spec), or None to keep the module float
+Plan = Callable[[nn.Module, str], "tuple[type[QuantizedWeightModule], QuantSpec] | None"]
 Rounding = Callable[[torch.Tensor, QuantSpec, str], QuantizedTensor]
 Rows = Callable[[int, int], torch.Tensor]  # (start, stop) -> rows start:stop of one table
 Table = Callable[[str, "tuple[int, int]"], Rows]  # (key, shape) -> row reader of that table
@@ -31,10 +32,11 @@ CHUNK_ROWS = 8192  # rows rounded at once when blocks lie within rows (bounds a 
 
 
 def weight_plan(config: WeightOnly) -> Plan:
-    """``plan`` for ``swap_weights``: QLinear with the Linear spec, QEmbedding with the embedding spec."""
+    """``plan`` for ``swap_weights``: QLinear with the Linear spec of its fqn, QEmbedding with the
+    embedding spec of its fqn (``WeightOnly.layers`` entries over the config's own)."""
 
-    def plan(m: nn.Module):
-        spec = config.embedding_spec() if isinstance(m, nn.Embedding) else config.linear_spec()
+    def plan(m: nn.Module, fqn: str):
+        spec = config.embedding_spec(fqn) if isinstance(m, nn.Embedding) else config.linear_spec(fqn)
         return (FLOAT_TO_Q[type(m)], spec) if spec is not None else None
 
     return plan
@@ -69,13 +71,13 @@ def swap_weights(
     quantize: Rounding = rtn,
 ) -> QuantSummary:
     """Replace each selected Linear/Embedding ``m`` by ``cls`` with weights from ``quantize`` (RTN by
-    default), ``(cls, spec) = plan(m)`` (None keeps it float). A weight tied to an earlier one is
+    default), ``(cls, spec) = plan(m, fqn)`` (None keeps it float). A weight tied to an earlier one is
     quantized once, by the first owner's spec."""
     targets = []
     for fqn, m in model.named_modules():
         if type(m) not in FLOAT_TO_Q or not select(fqn):
             continue
-        choice = plan(m)
+        choice = plan(m, fqn)
         if choice is None:
             summary.skipped[fqn] = "embeddings kept float by config"
             continue
@@ -158,7 +160,7 @@ def quantize_tables(
         wid = id(m.weight)
         keys.setdefault(wid, f"{fqn}.weight")
         usable = type(m) in FLOAT_TO_Q and m.weight.is_meta and select(fqn)
-        choice = plan(m) if usable else None
+        choice = plan(m, fqn) if usable else None
         if choice is None:
             continue
         cls, spec = choice

@@ -1,0 +1,162 @@
+"""Mixed precision on SmolLM2-135M (``make bench-mixed``): sensitivity measures, plans at the bytes of
+uniform schemes, and a Pareto curve, side by side in one run.
+
+Decoder Linears only (embedding and tied LM head float), AWQ+GPTQ rounding for every model, calibration
+``wiki:NxL`` (default 64 x 512, as the README's uniform rows), perplexity on the 8,192 held-out tokens
+(window 512) of each model after it is saved and reloaded (``lowbit.save`` / ``lowbit.load``).
+
+1. Sensitivity: the Fisher-predicted and Frobenius errors of every layer at ``--probe`` (w2g64), ranked
+   (Spearman) against the loss increase measured with only that layer rounded (RTN), on the first
+   ``--probe-samples`` calibration samples.
+2. Uniform w3g64 and w4g128 (AWQ+GPTQ), and the mixed plans at their planned-layer bytes.
+3. The Pareto curve: plans at ``--pareto`` bits per weight, each saved, reloaded and evaluated.
+
+Results: benchmarks/results/mixed_precision.{json,md}. Run: .venv/bin/python benchmarks/mixed_precision.py
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.autotune import Budget, choose, one_layer_losses, parse_candidates, sensitivity_table, spearman
+from lowbit.autotune.candidates import DEFAULT_CANDIDATES, Candidate
+from lowbit.autotune.sensitivity import lm_loss
+from lowbit.data import calib_batches, eval_tokens
+from lowbit.eval.perplexity import perplexity
+
+RESULTS = Path(__file__).parent / "results"
+EXCLUDE = ["lm_head", "model.embed_tokens"]
+
+
+def _evaluate(model, config, calib, tok, tmp: Path, name: str) -> dict:
+    """Quantize a copy of ``model`` with ``config``, save, reload, and measure held-out perplexity."""
+    import copy
+
+    q = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    lowbit.quantize_(q, config, calib, exclude=EXCLUDE)
+    seconds = time.perf_counter() - t0
+    lowbit.save(q, tmp / name, tokenizer=tok)
+    del q
+    loaded = lowbit.load(tmp / name)
+    ppl = perplexity(loaded, eval_tokens(tok, 8192), window=512)
+    size = (tmp / name / "model.safetensors").stat().st_size
+    return {
+        "perplexity": round(ppl, 3),
+        "quantize_seconds": round(seconds, 1),
+        "file_mb": round(size / 1e6, 2),
+    }
+
+
+def sensitivity(model, table, calib, probe: Candidate, samples: int) -> dict:
+    """Spearman of the Fisher and Frobenius errors at ``probe`` against measured one-layer losses."""
+    layers = {n: model.get_submodule(n) for n in table.names}
+    t0 = time.perf_counter()
+    measured = one_layer_losses(model, calib[:samples], lm_loss, layers, probe, progress=True)
+    names = list(measured)
+    fisher = [table.sensitivity[n][probe.name]["fisher"] for n in names]
+    frob = [table.sensitivity[n][probe.name]["frobenius"] for n in names]
+    real = [measured[n] for n in names]
+    return {
+        "probe": probe.name,
+        "samples": samples,
+        "layers": len(names),
+        "spearman_fisher": round(spearman(fisher, real), 4),
+        "spearman_frobenius": round(spearman(frob, real), 4),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "per_layer": {
+            n: {"measured": measured[n], "fisher": f, "frobenius": r}
+            for n, f, r in zip(names, fisher, frob, strict=True)
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib", default="64x512", help="calibration samples x tokens")
+    ap.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES))
+    ap.add_argument("--probe", default="w2g64", help="candidate of the one-layer measurement")
+    ap.add_argument("--probe-samples", type=int, default=4)
+    ap.add_argument("--pareto", default="2.5,3.0,3.5,4.5,6.0,8.1", help="bits per weight of the curve")
+    ap.add_argument("--skip-probe", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    n, length = (int(v) for v in args.calib.split("x"))
+    model, tok = lowbit.models.load("smollm2-135m", progress=False)
+    calib = calib_batches(tok, n, length)
+    base = lowbit.WeightOnly(bits=4, group_size=128, method="awq+gptq")
+    t0 = time.perf_counter()
+    table = sensitivity_table(
+        model, calib, parse_candidates(args.candidates), base=base, exclude=EXCLUDE, progress=True
+    )
+    record = {"command": "python benchmarks/mixed_precision.py", "calib": f"wiki:{args.calib}", "fp32": 21.24}
+    record |= {"table_seconds": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()[0]}
+    if not args.skip_probe:
+        record["sensitivity"] = sensitivity(model, table, calib, Candidate(2, 64), args.probe_samples)
+        print({k: v for k, v in record["sensitivity"].items() if k != "per_layer"}, flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for bits, group in ((3, 64), (4, 128)):
+            uniform = lowbit.WeightOnly(bits=bits, group_size=group, method="awq+gptq")
+            planned = 8 * sum(
+                Candidate(bits, group).nbytes(tuple(model.get_submodule(n).weight.shape)) for n in table.names
+            )
+            bpw = planned / sum(table.params.values())
+            row = {"name": f"uniform w{bits}g{group}", "bits_per_weight": round(bpw, 4)}
+            rows.append(row | _evaluate(model, uniform, calib, tok, tmp, f"u{bits}"))
+            plan = choose(table, Budget(bits=bpw), base)
+            row = {"name": f"mixed at w{bits}g{group} bytes", **_plan_facts(plan)}
+            rows.append(row | _evaluate(model, plan.config, calib, tok, tmp, f"m{bits}"))
+            print(rows[-2:], flush=True)
+        for b in (float(x) for x in args.pareto.split(",")):
+            plan = choose(table, Budget(bits=b), base)
+            row = {"name": f"pareto {b}", "budget_bits": b, **_plan_facts(plan)}
+            rows.append(row | _evaluate(model, plan.config, calib, tok, tmp, f"p{b}"))
+            print(rows[-1], flush=True)
+    record |= {"rows": rows, "load_after": os.getloadavg()[0], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "mixed_precision.json").write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / "mixed_precision.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+def _plan_facts(plan) -> dict:
+    bpw = round(plan.bits_per_weight, 4)
+    return {"bits_per_weight": bpw, "counts": plan.counts(), "predicted_loss": plan.predicted_loss}
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        "# Mixed precision, SmolLM2-135M decoder Linears (AWQ+GPTQ)",
+        "",
+        f"`python benchmarks/mixed_precision.py`. Calibration {record['calib']}; perplexity on 8,192 "
+        f"held-out tokens (fp32 {record['fp32']}), each model saved and reloaded. bits/weight: the planned "
+        "layers' stored bytes (codes, scales, zero points) x 8 / weights.",
+        "",
+        "| model | bits/weight | perplexity | file MB | quantize s | formats |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in record["rows"]:
+        counts = ", ".join(f"{k} x{v}" for k, v in r.get("counts", {}).items())
+        cells = [r["name"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.2f}", f"{r['file_mb']:.1f}"]
+        lines.append("| " + " | ".join([*cells, f"{r['quantize_seconds']:.0f}", counts]) + " |")
+    s = record.get("sensitivity")
+    if s:
+        lines += [
+            "",
+            f"Sensitivity at {s['probe']} ({s['layers']} layers, one layer at a time on {s['samples']} "
+            f"calibration samples): Spearman Fisher-predicted {s['spearman_fisher']}, Frobenius "
+            f"{s['spearman_frobenius']}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Candidate formats: names, real stored bytes (what QLinear holds), bad names refused."""
+
+import pytest
+from torch import nn
+
+from lowbit.algorithms.rtn import rtn
+from lowbit.autotune.candidates import Candidate, parse_candidate, parse_candidates
+from lowbit.core.errors import LowbitError
+from lowbit.nn.modules import QLinear
+
+
+@pytest.mark.parametrize("name", ["w2g64", "w3g64", "w4g128", "w8", "w4g32-sym", "w6g128"])
+def test_nbytes_is_what_a_qlinear_stores(name):
+    c = parse_candidate(name)
+    assert c.name == name
+    lin = nn.Linear(256, 48, bias=False)
+    q = QLinear.from_float(lin, c.spec("float16"))
+    q.set_weight(rtn(lin.weight.detach(), c.spec("float16")))
+    stored = sum(t.nbytes for t in (q.qweight, q.scale, q.zero_point))
+    assert c.nbytes((48, 256), "float16") == stored
+
+
+def test_fits_and_entries():
+    assert Candidate(3, 64).fits((8, 128)) and not Candidate(3, 64).fits((8, 96))
+    assert Candidate(8).fits((8, 97))
+    assert Candidate(4, 128, True).entry() == {"bits": 4, "group_size": 128, "symmetric": True}
+
+
+def test_parse_list_and_errors():
+    assert [c.name for c in parse_candidates("w4g128, w3g64,w4g128")] == ["w4g128", "w3g64"]
+    for bad in ("w9", "w4g0", "int4", "w1g64", "w4g"):
+        with pytest.raises(LowbitError, match="bad candidate"):
+            parse_candidate(bad)
+    with pytest.raises(LowbitError, match="no candidate"):
+        parse_candidates(" , ")
+
+
+def test_bits_per_weight_of_w3g64_counts_scales_and_zero_points():
+    c = Candidate(3, 64)
+    assert 8 * c.nbytes((576, 1536)) / (576 * 1536) == pytest.approx(3 + 24 / 64)

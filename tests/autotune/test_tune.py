@@ -1,0 +1,89 @@
+"""``tune`` on a tiny Llama: plans meet their budgets, apply through quantize_, save and load; bad budgets."""
+
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.autotune import Budget, choose, sensitivity_table, tune
+from lowbit.autotune.workflow import plan_record, read_plan
+from lowbit.core.errors import LowbitError
+from support import tiny_llama
+
+CANDS = ["w2g16", "w4g16", "w8"]
+
+
+def _calib(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 64, (1, 16), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def table():
+    return sensitivity_table(tiny_llama(), _calib(), CANDS, exclude=["lm_head"])
+
+
+def test_table_covers_every_decoder_linear(table):
+    assert len(table.names) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    assert all(len(o) == 3 for o in table.options)
+    assert all(c[0] < c[1] < c[2] for c in table.costs)  # w2g16 < w4g16 < w8 on these shapes
+
+
+@pytest.mark.parametrize("bits", [3.6, 4.5, 6.0, 9.0])
+def test_plan_meets_a_bits_budget(table, bits):
+    plan = choose(table, Budget(bits=bits))
+    assert plan.bits_per_weight <= bits
+    assert set(plan.config.layers) == set(table.names)
+
+
+def test_more_bytes_never_predict_more_loss(table):
+    losses = [choose(table, Budget(bits=b)).predicted_loss for b in (3.6, 4.0, 5.0, 6.0, 7.0, 9.0)]
+    assert losses == sorted(losses, reverse=True)
+
+
+def test_plan_applies_saves_and_loads(table, tmp_path):
+    plan = choose(table, Budget(bits=3.5))
+    model = tiny_llama()
+    lowbit.quantize_(model, plan.config, exclude=["lm_head", "model.embed_tokens"])
+    for name, cand in plan.layers.items():
+        assert model.get_submodule(name).spec == cand.spec(plan.config.scale_dtype)
+    stored = sum(
+        model.get_submodule(n).qweight.nbytes + model.get_submodule(n).scale.nbytes * 3 // 2
+        for n in plan.layers
+    )
+    assert stored == plan.bytes
+    lowbit.save(model, tmp_path / "m")
+    loaded = lowbit.load(tmp_path / "m")
+    ids = _calib(1)[0]
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    (tmp_path / "plan.json").write_text(json.dumps(plan_record(plan)))
+    assert read_plan(tmp_path / "plan.json") == plan.config
+
+
+def test_loss_budget_picks_the_cheapest_plan_within_it(table):
+    rich = choose(table, Budget(bits=9.0))
+    loose = choose(table, Budget(max_loss=rich.predicted_loss * 4 + 1e-9))
+    assert loose.predicted_loss <= rich.predicted_loss * 4 + 1e-9 and loose.bytes <= rich.bytes
+
+
+def test_unreachable_budgets_say_what_is_reachable(table):
+    with pytest.raises(LowbitError, match=r"smallest reachable is \d+ bytes \(3\.500 bits per weight"):
+        choose(table, Budget(bits=1.0))
+    with pytest.raises(LowbitError, match="least reachable"):
+        choose(table, Budget(max_loss=1e-30))
+    for bad in ({}, {"bits": 3.0, "max_bytes": 10}, {"bits": -1.0}, {"max_loss": float("nan")}):
+        with pytest.raises(LowbitError, match="budget"):
+            Budget(**bad)
+
+
+def test_tied_and_unfitting_layers_follow_the_base():
+    plan = tune(tiny_llama(), _calib(), Budget(bits=5.0), candidates=["w4g64"])
+    assert "lm_head" in plan.left_to_base and "shared" in plan.left_to_base["lm_head"]
+    assert "no candidate fits" in plan.left_to_base["model.layers.0.self_attn.q_proj"]  # 32 columns
+    assert set(plan.layers) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+
+
+def test_nothing_to_plan_is_an_error():
+    with pytest.raises(LowbitError, match="no Linear or Conv2d layer to plan"):
+        tune(tiny_llama(), _calib(), Budget(bits=4.0), include=["nothing.*"])
