@@ -88,8 +88,10 @@ bench-gptq: $(BENCH_STAMP)
 bench-qat: $(STAMP) $(BENCH_STAMP)
 	LOWBIT_FASHION_MNIST=$(FMNIST) $(BENCH_PY) benchmarks/qat_cnn.py --peer
 
-bench-mixed: $(STAMP)
+bench-mixed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/mixed_precision.py
+	$(PY) benchmarks/mixed_precision.py --model mobilenetv2
+	$(BENCH_PY) benchmarks/mixed_nncf.py
 
 bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py

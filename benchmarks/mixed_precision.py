@@ -54,11 +54,14 @@ def _evaluate(model, config, calib, tok, tmp: Path, name: str) -> dict:
     }
 
 
-def sensitivity(model, table, calib, probe: Candidate, samples: int) -> dict:
-    """Spearman of the Fisher and Frobenius errors at ``probe`` against measured one-layer losses."""
+def sensitivity(model, table, calib, probe: Candidate, samples, loss_fn=lm_loss, measured=None) -> dict:
+    """Spearman of the Fisher and Frobenius errors at ``probe`` against measured one-layer losses
+    (``measured``: fqn -> loss increase of an earlier run of the same probe, else measured now)."""
     layers = {n: model.get_submodule(n) for n in table.names}
     t0 = time.perf_counter()
-    measured = one_layer_losses(model, calib[:samples], lm_loss, layers, probe, progress=True)
+    scale = "float32" if loss_fn is not lm_loss else "float16"
+    if measured is None:
+        measured = one_layer_losses(model, calib[:samples], loss_fn, layers, probe, scale, progress=True)
     names = list(measured)
     fisher = [table.sensitivity[n][probe.name]["fisher"] for n in names]
     frob = [table.sensitivity[n][probe.name]["frobenius"] for n in names]
@@ -77,6 +80,60 @@ def sensitivity(model, table, calib, probe: Candidate, samples: int) -> dict:
     }
 
 
+def _label_loss(model, batch):
+    x, labels = batch
+    return torch.nn.functional.cross_entropy(model(x), labels)
+
+
+def mobilenetv2(args) -> None:
+    """MobileNetV2, static W8A8 layers with 4- or 8-bit weights per layer, against uniform W8A8 and W4A8:
+    top-1 agreement with fp32 on the 480 evaluation crops, run by ONNX Runtime from lowbit's export."""
+    import copy
+
+    from learned_rounding import photos_task
+
+    model, _ = lowbit.models.load("mobilenetv2", progress=False)
+    model.eval()
+    calib, score = photos_task(model)
+    with torch.no_grad():  # the float model's own top-1 labels: Fisher and one-layer losses need no labels
+        labelled = [(x, model(x).argmax(1)) for x in calib[: args.fisher_batches]]
+    base = lowbit.StaticW8A8()
+    t0 = time.perf_counter()
+    cands = parse_candidates("w4-sym,w8-sym")
+    table = sensitivity_table(model, labelled, cands, base=base, loss_fn=_label_loss, progress=True)
+    record = {"command": "python benchmarks/mixed_precision.py --model mobilenetv2", "calib": "photos:512"}
+    record |= {"table_seconds": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()[0]}
+    if not args.skip_probe:
+        probe = sensitivity(model, table, labelled[:2], Candidate(4, None, True), None, _label_loss)
+        record["sensitivity"] = probe
+        print({k: v for k, v in probe.items() if k != "per_layer"}, flush=True)
+    params = sum(table.params.values())
+    rows = []
+    for name, config, plan in (
+        ("uniform w8a8", base, None),
+        ("uniform w4a8", lowbit.StaticW8A8(weight_bits=4), None),
+        *((f"mixed 4/8 at {b} bits", None, choose(table, Budget(bits=b), base)) for b in args.mobilenet_bits),
+    ):
+        config = config or plan.config
+        q, t1 = copy.deepcopy(model), time.perf_counter()
+        lowbit.quantize_(q, config, calib)
+        seconds = time.perf_counter() - t1
+        bits = {n: config.layer_bits.get(n, config.weight_bits) for n in table.names}
+        code_bits = sum(bits[n] * table.params[n] for n in table.names) / params
+        stored = sum(
+            cost[[c.bits for c in opts].index(bits[n])]
+            for n, opts, cost in zip(table.names, table.options, table.costs, strict=True)
+        )
+        row = {"name": name, "agreement": round(score(q), 2), "mean_code_bits": round(code_bits, 3)}
+        row |= {"bits_per_weight": round(8 * stored / params, 3), "quantize_seconds": round(seconds, 1)}
+        if plan is not None:
+            row["counts"] = plan.counts()
+        rows.append(row)
+        print(row, flush=True)
+    record |= {"fp32_agreement": 100.0, "rows": rows, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (RESULTS / "mixed_precision_mobilenetv2.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", default="64x512", help="calibration samples x tokens")
@@ -85,8 +142,15 @@ def main() -> None:
     ap.add_argument("--probe-samples", type=int, default=4)
     ap.add_argument("--pareto", default="2.5,3.0,3.5,4.5,6.0,8.1", help="bits per weight of the curve")
     ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--reuse-probe", help="a results JSON whose one-layer measurement (same probe) is reused")
+    ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "mobilenetv2"])
+    ap.add_argument("--fisher-batches", type=int, default=4, help="mobilenetv2: 32-crop batches for Fisher")
+    ap.add_argument("--mobilenet-bits", default="5.5,6.0", help="mobilenetv2: bits-per-weight budgets")
     args = ap.parse_args()
+    args.mobilenet_bits = [float(b) for b in args.mobilenet_bits.split(",")]
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.model == "mobilenetv2":
+        return mobilenetv2(args)
     n, length = (int(v) for v in args.calib.split("x"))
     model, tok = lowbit.models.load("smollm2-135m", progress=False)
     calib = calib_batches(tok, n, length)
@@ -98,7 +162,15 @@ def main() -> None:
     record = {"command": "python benchmarks/mixed_precision.py", "calib": f"wiki:{args.calib}", "fp32": 21.24}
     record |= {"table_seconds": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()[0]}
     if not args.skip_probe:
-        record["sensitivity"] = sensitivity(model, table, calib, Candidate(2, 64), args.probe_samples)
+        measured = _earlier_probe(args.reuse_probe, args.probe, args.probe_samples)
+        record["sensitivity"] = sensitivity(
+            model, table, calib, Candidate(2, 64), args.probe_samples, lm_loss, measured
+        )
+        record["sensitivity"]["reused_measurement"] = measured is not None
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "mixed_precision.json").write_text(
+            json.dumps(record, indent=1) + "\n"
+        )  # kept if later rows fail
         print({k: v for k, v in record["sensitivity"].items() if k != "per_layer"}, flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,6 +197,16 @@ def main() -> None:
     (RESULTS / "mixed_precision.json").write_text(json.dumps(record, indent=1) + "\n")
     (RESULTS / "mixed_precision.md").write_text(markdown(record))
     print(markdown(record))
+
+
+def _earlier_probe(path, probe: str, samples: int) -> dict | None:
+    """fqn -> measured one-layer loss of an earlier run's probe (same candidate and samples), or None."""
+    if not path:
+        return None
+    earlier = json.loads(Path(path).read_text()).get("sensitivity", {})
+    if earlier.get("probe") != probe or earlier.get("samples") != samples:
+        raise SystemExit(f"{path}: its probe is {earlier.get('probe')} x {earlier.get('samples')} samples")
+    return {n: v["measured"] for n, v in earlier["per_layer"].items()}
 
 
 def _plan_facts(plan) -> dict:

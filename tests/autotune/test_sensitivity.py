@@ -30,18 +30,32 @@ def _batches(n=3):
     return [(torch.randn(16, 64, generator=g), torch.randint(0, 8, (16,), generator=g)) for _ in range(n)]
 
 
-def test_fisher_is_the_mean_squared_gradient_and_leaves_the_model_alone():
+def test_linear_fisher_is_the_mean_squared_per_sample_gradient_and_leaves_the_model_alone():
     model, batches = _model(), _batches()
     model[2].bias.requires_grad_(False)
     layers = weight_layers(model, lambda n: True)
     got = fisher_diagonals(model, batches, _loss, layers)
     for name, m in layers.items():
-        want = torch.zeros_like(m.weight)
-        for b in batches:
-            (g,) = torch.autograd.grad(_loss(model, b), [m.weight])
-            want += g.square() / len(batches)
-        torch.testing.assert_close(got[name], want)
+        want, rows = torch.zeros_like(m.weight), 0
+        for x, y in batches:
+            for i in range(len(x)):
+                (g,) = torch.autograd.grad(_loss(model, (x[i : i + 1], y[i : i + 1])), [m.weight])
+                want += g.square()
+                rows += 1
+        torch.testing.assert_close(got[name], want / rows)
     assert model[0].weight.grad is None and not model[2].bias.requires_grad and model[0].bias.requires_grad
+
+
+def test_conv_fisher_is_the_mean_squared_batch_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 8))
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(5, 1, 8, 8, generator=g), torch.randint(0, 8, (5,), generator=g)) for _ in range(2)
+    ]
+    got = fisher_diagonals(model, batches, _loss, {"0": model[0]})
+    want = sum(torch.autograd.grad(_loss(model, b), [model[0].weight])[0].square() for b in batches) / 2
+    torch.testing.assert_close(got["0"], want)
 
 
 def test_fisher_refuses_a_nan_loss_and_an_empty_set():

@@ -7,8 +7,9 @@ import torch
 
 import lowbit
 from lowbit.autotune import Budget, choose, sensitivity_table, tune
-from lowbit.autotune.workflow import plan_record, read_plan
+from lowbit.autotune.workflow import plan_record
 from lowbit.core.errors import LowbitError
+from lowbit.transforms.schemes import parse_scheme
 from support import tiny_llama
 
 CANDS = ["w2g16", "w4g16", "w8"]
@@ -58,7 +59,7 @@ def test_plan_applies_saves_and_loads(table, tmp_path):
     ids = _calib(1)[0]
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     (tmp_path / "plan.json").write_text(json.dumps(plan_record(plan)))
-    assert read_plan(tmp_path / "plan.json") == plan.config
+    assert parse_scheme(f"plan:{tmp_path / 'plan.json'}") == plan.config
 
 
 def test_loss_budget_picks_the_cheapest_plan_within_it(table):
@@ -87,3 +88,16 @@ def test_tied_and_unfitting_layers_follow_the_base():
 def test_nothing_to_plan_is_an_error():
     with pytest.raises(LowbitError, match="no Linear or Conv2d layer to plan"):
         tune(tiny_llama(), _calib(), Budget(bits=4.0), include=["nothing.*"])
+
+
+def test_bad_plan_files_are_refused(tmp_path):
+    with pytest.raises(LowbitError, match="not a readable JSON config"):
+        parse_scheme(f"plan:{tmp_path / 'missing.json'}")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(LowbitError, match="expected a JSON object"):
+        parse_scheme(f"plan:{tmp_path / 'list.json'}")
+    (tmp_path / "odd.json").write_text(
+        json.dumps({"config": {"type": "WeightOnly", "layers": {"x": {"bits": 9}}}})
+    )
+    with pytest.raises(LowbitError, match="bits must be an integer 2..8"):
+        parse_scheme(f"plan:{tmp_path / 'odd.json'}")

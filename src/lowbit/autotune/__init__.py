@@ -17,6 +17,7 @@ from lowbit.autotune.sensitivity import (
     fisher_diagonals,
     lm_loss,
     one_layer_losses,
+    own_label_loss,
     spearman,
     weight_errors,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "fisher_diagonals",
     "lm_loss",
     "one_layer_losses",
+    "own_label_loss",
     "parse_candidates",
     "sensitivity_table",
     "spearman",

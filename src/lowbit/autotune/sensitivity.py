@@ -2,9 +2,8 @@
 
 - ``frobenius``: the relative weight error ``||W - Q(W)||_F / ||W||_F`` (no data).
 - ``fisher``: the loss increase a second-order expansion predicts, ``0.5 * sum F * (W - Q(W))^2`` with
-  ``F`` the diagonal empirical Fisher (squared gradients of the loss, averaged over calibration batches;
-  ``fisher_diagonals``). In nats per token for a language-model loss; additive over layers, which the
-  allocation assumes.
+  ``F`` the diagonal empirical Fisher (squared gradients of the per-token loss, ``fisher_diagonals``). In
+  nats per token for a language-model loss; additive over layers, which the allocation assumes.
 - ``measured``: the loss increase, measured, when only that one layer is quantized (``one_layer_losses``):
   the ground truth the cheap measures are ranked against (Spearman, ``spearman``).
 
@@ -32,6 +31,14 @@ def lm_loss(model: nn.Module, batch) -> torch.Tensor:
     return model(input_ids=batch, labels=batch, use_cache=False).loss
 
 
+def own_label_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier's logits ``(b, classes)`` on images ``batch`` against its own top-1
+    predictions: no labels needed, and (unlike a KL to itself) a non-zero gradient at the float model, so
+    its squared gradients estimate the Fisher of the predicted class."""
+    logits = model(batch)
+    return nn.functional.cross_entropy(logits, logits.detach().argmax(-1))
+
+
 PLANNED_TYPES = (nn.Linear, nn.Conv2d)  # layers a plan gives formats to
 
 
@@ -45,6 +52,41 @@ def rows_cols(weight: torch.Tensor) -> tuple[int, int]:
     return weight.shape[0], weight[0].numel()
 
 
+class _TokenFisher:
+    """Hooks on the ``nn.Linear`` layers of ``layers``: per calibration batch, each layer's weight Fisher
+    summed token by token, ``sum_t (T g_t)^2 (x_t)^2`` (``g_t``: gradient of the batch's mean loss w.r.t.
+    the layer's output at row ``t``, ``x_t`` its input, ``T`` the batch's rows), an ``(out, in)`` matmul per
+    batch: squared per-token gradients, far less noisy than the square of their sum."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self.sums = {
+            n: torch.zeros_like(m.weight, dtype=torch.float32)
+            for n, m in layers.items()
+            if type(m) is nn.Linear
+        }
+        self.rows = dict.fromkeys(self.sums, 0)
+        self.handles = [layers[n].register_forward_hook(self._hook(n)) for n in self.sums]
+
+    def _hook(self, name: str):
+        def forward(module, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            rows = x.shape[0]
+
+            def backward(g):
+                g2 = (g.detach().reshape(-1, g.shape[-1]).float() * rows).square()
+                self.sums[name].addmm_(g2.T, x.square())
+
+            if out.requires_grad:
+                self.rows[name] += rows
+                out.register_hook(backward)
+
+        return forward
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def fisher_diagonals(
     model: nn.Module,
     batches: Iterable,
@@ -52,12 +94,14 @@ def fisher_diagonals(
     layers: Mapping[str, nn.Module],
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """fqn -> mean over ``batches`` of the squared gradient of ``loss_fn`` w.r.t. that layer's weight
-    (its shape, float32). Gradients of other parameters are not kept; the model is left as it was."""
+    """fqn -> the diagonal empirical Fisher of ``loss_fn`` w.r.t. that layer's weight (its shape, float32),
+    per token or sample of the loss: ``nn.Linear`` layers token by token (``_TokenFisher``, divided by
+    all rows seen), other layers as the mean over ``batches`` of the squared weight gradient. Gradients of
+    other parameters are not kept; the model is left as it was."""
     params = {n: m.weight for n, m in layers.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    count = 0
+    tokens, count = _TokenFisher(layers), 0
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -69,14 +113,17 @@ def fisher_diagonals(
                 raise NonFiniteError(f"calibration batch {count}: loss is {float(loss.detach())}")
             grads = torch.autograd.grad(loss, list(params.values()))
             for (n, _), g in zip(params.items(), grads, strict=True):
-                sums[n].add_(g.float().square())
+                if n not in tokens.sums:
+                    sums[n].add_(g.float().square())
             count += 1
     finally:
+        tokens.close()
         for p, flag in flags.items():
             p.requires_grad_(flag)
     if not count:
         raise LowbitError("the calibration set is empty: the Fisher diagonal needs at least one batch")
-    return {n: s / count for n, s in sums.items()}
+    token = {n: t / max(tokens.rows[n], 1) for n, t in tokens.sums.items()}
+    return {n: token[n] if n in token else s / count for n, s in sums.items()}
 
 
 def weight_errors(

@@ -32,8 +32,26 @@ from lowbit.autotune.sensitivity import (
     weight_layers,
 )
 from lowbit.core.errors import LowbitError
-from lowbit.transforms.configs import WeightOnly
+from lowbit.transforms.configs import StaticW8A8, WeightOnly
 from lowbit.transforms.quantize import Selector
+
+Base = WeightOnly | StaticW8A8  # the configs a plan extends
+
+
+def scale_dtype(base: Base) -> str:
+    """Storage dtype of the weight scales ``base`` gives (static layers: float32)."""
+    return getattr(base, "scale_dtype", "float32")
+
+
+def check_candidates(base: Base, candidates: Sequence[Candidate]) -> None:
+    """``LowbitError`` for candidates ``base`` cannot give a layer: static layers take symmetric
+    per-channel weights only (``w4-sym``, ``w8-sym``)."""
+    if isinstance(base, StaticW8A8):
+        bad = [c.name for c in candidates if c.group_size or not c.symmetric]
+        if bad:
+            raise LowbitError(
+                f"static layers take symmetric per-channel weights (w4-sym, w8-sym); not {', '.join(bad)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,7 @@ class Plan:
     it was chosen from. bytes / bits_per_weight: of the planned layers; predicted_loss: the sum of the
     chosen candidates' predicted loss increases."""
 
-    config: WeightOnly
+    config: Base
     layers: dict[str, Candidate]
     params: dict[str, int]
     bytes: int
@@ -94,10 +112,12 @@ class Table:
     left_to_base: dict[str, str]
     frontier: Frontier
 
-    def plan(self, choice: Choice, base: WeightOnly) -> Plan:
+    def plan(self, choice: Choice, base: Base) -> Plan:
         layers = {n: opts[k] for n, opts, k in zip(self.names, self.options, choice.picks, strict=True)}
-        entries = {n: c.entry() for n, c in layers.items()}
-        config = replace(base, layers=entries)
+        if isinstance(base, StaticW8A8):
+            config = replace(base, layer_bits={n: c.bits for n, c in layers.items()})
+        else:
+            config = replace(base, layers={n: c.entry() for n, c in layers.items()})
         return Plan(
             config, layers, self.params, choice.cost, choice.loss, self.sensitivity, self.left_to_base
         )
@@ -132,7 +152,7 @@ def sensitivity_table(
     calib: Sequence,
     candidates: Sequence[Candidate | str] = DEFAULT_CANDIDATES,
     *,
-    base: WeightOnly | None = None,
+    base: Base | None = None,
     loss_fn: LossFn = lm_loss,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -141,14 +161,15 @@ def sensitivity_table(
     """Steps 1-2 of the module docstring on ``model`` (left unchanged) with calibration batches ``calib``."""
     base = base or WeightOnly()
     cands = [c if isinstance(c, Candidate) else parse_candidates([c])[0] for c in candidates]
+    check_candidates(base, cands)
     layers, left = _planned(model, Selector(include, exclude), cands)
     fisher = fisher_diagonals(model, calib, loss_fn, layers, progress)
-    errors = weight_errors(layers, cands, fisher, base.scale_dtype)
+    errors = weight_errors(layers, cands, fisher, scale_dtype(base))
     del fisher
     names = list(layers)
     options = [[c for c in cands if c.name in errors[n]] for n in names]
     costs = [
-        [c.nbytes(rows_cols(layers[n].weight), base.scale_dtype) for c in opts]
+        [c.nbytes(rows_cols(layers[n].weight), scale_dtype(base)) for c in opts]
         for n, opts in zip(names, options, strict=True)
     ]
     losses = [[errors[n][c.name]["fisher"] for c in opts] for n, opts in zip(names, options, strict=True)]
@@ -156,7 +177,7 @@ def sensitivity_table(
     return Table(names, options, costs, losses, params, errors, left, frontier(costs, losses))
 
 
-def choose(table: Table, budget: Budget, base: WeightOnly | None = None) -> Plan:
+def choose(table: Table, budget: Budget, base: Base | None = None) -> Plan:
     """The least-loss plan of ``table`` within ``budget`` (cheapest plan for a loss budget)."""
     base = base or WeightOnly()
     if budget.max_loss is not None:
@@ -180,7 +201,7 @@ def tune(
     calib: Sequence,
     budget: Budget,
     *,
-    base: WeightOnly | None = None,
+    base: Base | None = None,
     candidates: Sequence[Candidate | str] = DEFAULT_CANDIDATES,
     loss_fn: LossFn = lm_loss,
     include: Sequence[str] = (),

@@ -61,20 +61,6 @@ def plan_record(plan: Plan) -> dict:
     }
 
 
-def read_plan(path: str | os.PathLike) -> WeightOnly:
-    """The ``WeightOnly`` config of a ``plan.json`` (or of a hand-written file with a "config" entry)."""
-    from lowbit.transforms.configs import config_from_dict
-
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"{path}: not a readable plan file ({e})") from None
-    config = config_from_dict(record["config"]) if isinstance(record, dict) and "config" in record else None
-    if not isinstance(config, WeightOnly):
-        raise LowbitError(f'{path}: a plan file holds a WeightOnly config under "config"')
-    return config
-
-
 def _quantize_save_eval(
     float_model, tok, plan: Plan, calib, out: Path, overwrite: bool, progress: bool
 ) -> dict:

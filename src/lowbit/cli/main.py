@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
         "--scheme",
         required=True,
         help="w<bits>[g<group>][-sym|-asym] (w8, w4g128), w8a8, w8a8-static, w4a8-static; with --method qat "
-        "w<bits>[a<bits>] (w4a4, w2a2; weight bits 1 = binary, t = ternary: w1a8, wta8)",
+        "w<bits>[a<bits>] (w4a4, w2a2; weight bits 1 = binary, t = ternary: w1a8, wta8); plan:FILE applies "
+        "a mixed-precision plan.json of lowbit autotune",
     )
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--include", action="append", default=[], help="module-name glob or re:REGEX (repeatable)")

@@ -333,11 +333,14 @@ class StaticW8A8(QuantConfig):
         Adam steps per unit, on ``recon_device`` (e.g. "cuda"; None: where the model is). A unit whose
         learned rounding fits its calibration data worse than nearest keeps nearest. Fashion-MNIST
         CNN, W3A8: nearest 84.17%, adaround 90.14% (fp32 91.44; benchmarks/results).
+    layer_bits: per-layer weight bits (a mixed-precision plan): layer fqn -> 2..8, over ``weight_bits``;
+        each name must be a Conv2d/Linear the handler quantizes (checked before the model changes).
     Version 2 added ``equalize``, version 3 ``stretch_relu6``, version 4 ``weight_bits`` and learned
-    rounding; older dicts load with what they ran (``equalize=False``, ``stretch_relu6=False``).
+    rounding, version 5 ``layer_bits``; older dicts load with what they ran (``equalize=False``,
+    ``stretch_relu6=False``, no per-layer bits).
     """
 
-    VERSION = 4
+    VERSION = 5
 
     observer: str = "mse"
     percentile: float = 99.99
@@ -354,9 +357,21 @@ class StaticW8A8(QuantConfig):
     recon_steps: int = 500
     recon_drop: float = 0.5
     recon_device: str | None = None
-    version: int = 4
+    layer_bits: dict[str, int] = field(default_factory=dict, hash=False)
+    version: int = 5
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layer_bits, Mapping):
+            raise LowbitError(f"layer_bits must map layer names to bits, got {self.layer_bits!r}")
+        for fqn, bits in self.layer_bits.items():
+            if (
+                not isinstance(fqn, str)
+                or isinstance(bits, bool)
+                or not isinstance(bits, int)
+                or not 2 <= bits <= 8
+            ):
+                raise LowbitError(f"layer_bits[{fqn!r}] must be an integer 2..8, got {bits!r}")
+        object.__setattr__(self, "layer_bits", dict(self.layer_bits))
         if self.activation_format not in ("uint8", "int8"):
             raise LowbitError(f"activation_format must be 'uint8' or 'int8', got {self.activation_format!r}")
         if self.int8_outputs not in ("conv", "all", "none"):

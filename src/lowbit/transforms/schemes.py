@@ -9,6 +9,7 @@
 | `w8a8`       | ``Int8Dynamic()``: int8 weights per channel, int8 activations per token |
 | `w8a8-static`| ``StaticW8A8()``: activation ranges fixed by calibration (needs data) |
 | `w4a8-static`| ``StaticW8A8(weight_bits=4)``: int4 per-channel weights (any of 2..8)  |
+| `plan:FILE`  | the config in a JSON file (``lowbit autotune``'s plan.json, or a config dict) |
 
 Without a suffix, 8-bit schemes are symmetric and lower bit widths asymmetric. Bits: 2..8; group sizes
 1..``MAX_GROUP``.
@@ -22,8 +23,10 @@ the default everywhere.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
+from pathlib import Path
 
 from lowbit.core.errors import LowbitError
 from lowbit.transforms.configs import (
@@ -33,6 +36,7 @@ from lowbit.transforms.configs import (
     SmoothQuant,
     StaticW8A8,
     WeightOnly,
+    config_from_dict,
 )
 
 MAX_GROUP = 1 << 20
@@ -62,7 +66,23 @@ def parse_scheme(scheme: str, method: str | None = None) -> QuantConfig:
     )
 
 
+def config_from_file(path: str | Path) -> QuantConfig:
+    """The config in JSON file ``path``: a plan file's "config" entry (``lowbit autotune``'s plan.json),
+    or a ``QuantConfig.to_dict()`` dict; validated by ``config_from_dict``."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"{path}: not a readable JSON config or plan ({e})") from None
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        record = record["config"]
+    if not isinstance(record, dict):
+        raise LowbitError(f'{path}: expected a JSON object (a config, or a plan with a "config" entry)')
+    return config_from_dict(record)
+
+
 def _parse(scheme: str) -> QuantConfig:
+    if scheme.strip().startswith("plan:"):
+        return config_from_file(scheme.strip()[5:])
     if scheme.strip().lower() == "w8a8":
         return Int8Dynamic()
     static = _STATIC.fullmatch(scheme.strip().lower())

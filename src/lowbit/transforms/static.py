@@ -93,6 +93,7 @@ def _static_w8a8(model: nn.Module, config: StaticW8A8, calib, select: Selector, 
         summary.folded = {bn: conv for conv, bn in fold_batchnorm_(model)}
     act_spec = ACTIVATION_SPECS[config.activation_format]
     targets = {f: m for f, m in model.named_modules() if type(m) in STATIC_FLOAT_TO_Q and select(f)}
+    _check_layer_bits(config, targets)
     int8_out = {f for f, m in targets.items() if _int8_output(config, m)}
     fuse = config.fuse_activations and not act_spec.symmetric
     fused = fusable_activations(model, int8_out) if fuse else {}
@@ -133,13 +134,26 @@ def _static_w8a8(model: nn.Module, config: StaticW8A8, calib, select: Selector, 
 _GRANULARITY = {"adaround": "layer", "brecq": "block"}
 
 
+def _check_layer_bits(config: StaticW8A8, targets: dict) -> None:
+    """``LowbitError`` naming the ``config.layer_bits`` entries that are not a selected layer this handler
+    quantizes (the model is rolled back by the caller)."""
+    bad = [f for f in config.layer_bits if f not in targets]
+    if bad:
+        kinds = ", ".join(t.__name__ for t in STATIC_FLOAT_TO_Q)
+        raise LowbitError(
+            f"StaticW8A8.layer_bits names {len(bad)} layer(s) that are not selected {kinds} layers of this "
+            f"model: {', '.join(repr(f) for f in bad[:5])}{' ...' if len(bad) > 5 else ''}"
+        )
+
+
 def _swap_layers(model, config: StaticW8A8, targets: dict, observers, fused: dict, summary, progress) -> dict:
     """Replace each calibrated target by its static layer; returns fqn -> (float weight, weight scales)
     of the swapped layers (what learned rounding starts from)."""
     ins, outs, means = observers
-    act_spec, w_spec = ACTIVATION_SPECS[config.activation_format], weight_spec(config.weight_bits)
+    act_spec = ACTIVATION_SPECS[config.activation_format]
     weights = {}
     for fqn, m in tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress):
+        w_spec = weight_spec(config.layer_bits.get(fqn, config.weight_bits))
         in_obs, out_obs = ins[fqn], outs.get(fqn)
         if in_obs.batches == 0:
             summary.skipped[fqn] = "no calibration batch reached it"
