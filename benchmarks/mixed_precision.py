@@ -139,9 +139,10 @@ def main() -> None:
     ap.add_argument("--calib", default="64x512", help="calibration samples x tokens")
     ap.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES))
     ap.add_argument("--probe", default="w2g64", help="candidate of the one-layer measurement")
-    ap.add_argument("--probe-samples", type=int, default=4)
-    ap.add_argument("--pareto", default="2.5,3.0,3.5,4.5,6.0,8.1", help="bits per weight of the curve")
+    ap.add_argument("--probe-samples", type=int, default=1)
+    ap.add_argument("--pareto", default="2.5,3.0,6.0,8.1", help="bits per weight of further curve points")
     ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--fisher-samples", type=int, default=16, help="calibration samples of the Fisher")
     ap.add_argument("--reuse-probe", help="a results JSON whose one-layer measurement (same probe) is reused")
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "mobilenetv2"])
     ap.add_argument("--fisher-batches", type=int, default=4, help="mobilenetv2: 32-crop batches for Fisher")
@@ -157,9 +158,15 @@ def main() -> None:
     base = lowbit.WeightOnly(bits=4, group_size=128, method="awq+gptq")
     t0 = time.perf_counter()
     table = sensitivity_table(
-        model, calib, parse_candidates(args.candidates), base=base, exclude=EXCLUDE, progress=True
+        model,
+        calib[: args.fisher_samples],
+        parse_candidates(args.candidates),
+        base=base,
+        exclude=EXCLUDE,
+        progress=True,
     )
     record = {"command": "python benchmarks/mixed_precision.py", "calib": f"wiki:{args.calib}", "fp32": 21.24}
+    record["fisher_samples"] = args.fisher_samples
     record |= {"table_seconds": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()[0]}
     if not args.skip_probe:
         measured = _earlier_probe(args.reuse_probe, args.probe, args.probe_samples)
@@ -218,7 +225,8 @@ def markdown(record: dict) -> str:
     lines = [
         "# Mixed precision, SmolLM2-135M decoder Linears (AWQ+GPTQ)",
         "",
-        f"`python benchmarks/mixed_precision.py`. Calibration {record['calib']}; perplexity on 8,192 "
+        f"`python benchmarks/mixed_precision.py`. Calibration {record['calib']} (Fisher on the first "
+        f"{record.get('fisher_samples', 16)} samples); perplexity on 8,192 "
         f"held-out tokens (fp32 {record['fp32']}), each model saved and reloaded. bits/weight: the planned "
         "layers' stored bytes (codes, scales, zero points) x 8 / weights.",
         "",

@@ -9,19 +9,24 @@ from lowbit.core.errors import LowbitError
 from lowbit.nn.modules import QLinear
 
 
-@pytest.mark.parametrize("name", ["w2g64", "w3g64", "w4g128", "w8", "w4g32-sym", "w6g128"])
-def test_nbytes_is_what_a_qlinear_stores(name):
+@pytest.mark.parametrize("name", ["w2g64", "w3g64", "w4g128", "w8", "w4g32-sym", "w6g128", "w3g100"])
+@pytest.mark.parametrize("cols", [256, 576])
+def test_nbytes_is_what_a_qlinear_stores(name, cols):
     c = parse_candidate(name)
     assert c.name == name
-    lin = nn.Linear(256, 48, bias=False)
+    lin = nn.Linear(cols, 48, bias=False)
     q = QLinear.from_float(lin, c.spec("float16"))
     q.set_weight(rtn(lin.weight.detach(), c.spec("float16")))
     stored = sum(t.nbytes for t in (q.qweight, q.scale, q.zero_point))
-    assert c.nbytes((48, 256), "float16") == stored
+    assert c.nbytes((48, cols), "float16") == stored
 
 
 def test_fits_and_entries():
-    assert Candidate(3, 64).fits((8, 128)) and not Candidate(3, 64).fits((8, 96))
+    assert (
+        Candidate(3, 64).fits((8, 128))
+        and Candidate(3, 64).fits((8, 96))
+        and not Candidate(3, 64).fits((8, 32))
+    )
     assert Candidate(8).fits((8, 97))
     assert Candidate(4, 128, True).entry() == {"bits": 4, "group_size": 128, "symmetric": True}
 

@@ -139,7 +139,7 @@ def test_static_equalize_without_fusion_leaves_relu6_pairs():
 
 def test_config_versions():
     c = StaticW8A8(equalize=True)
-    assert config_from_dict(c.to_dict()) == c and c.version == 4
+    assert config_from_dict(c.to_dict()) == c and c.version == 5
     old = {k: v for k, v in StaticW8A8().to_dict().items() if k not in ("equalize", "stretch_relu6")}
     assert config_from_dict(old | {"version": 1}).equalize is False  # what a version-1 config ran
     assert config_from_dict(old | {"version": 2}).stretch_relu6 is False  # what a version-2 config ran

@@ -504,8 +504,8 @@ def test_weight_bits_give_int_codes_of_that_width():
 
 def test_version_3_config_loads_as_nearest_int8():
     c = StaticW8A8(weight_bits=4, rounding="brecq", recon_steps=7, recon_drop=0.25, recon_device="cpu")
-    assert config_from_dict(c.to_dict()) == c and c.version == 4
-    new = ("weight_bits", "rounding", "recon_steps", "recon_drop", "recon_device")
+    assert config_from_dict(c.to_dict()) == c and c.version == 5
+    new = ("weight_bits", "rounding", "recon_steps", "recon_drop", "recon_device", "layer_bits")
     v3 = {k: v for k, v in StaticW8A8().to_dict().items() if k not in new} | {"version": 3}
     old = config_from_dict(v3)
     assert old.rounding == "nearest" and old.weight_bits == 8 and old.stretch_relu6 is True

@@ -42,8 +42,9 @@ class Candidate:
         return QuantSpec(fmt, self.symmetric, gran, scale_dtype)
 
     def fits(self, shape: tuple[int, int]) -> bool:
-        """Whether a ``(rows, cols)`` weight can take this candidate (groups must tile the columns)."""
-        return not self.group_size or shape[1] % self.group_size == 0
+        """Whether a ``(rows, cols)`` weight can take this candidate: a group no wider than a row (a
+        last, partial group is fine: SmolLM2's 576 columns in groups of 128)."""
+        return not self.group_size or self.group_size <= shape[1]
 
     def nbytes(self, shape: tuple[int, int], scale_dtype: str = "float16") -> int:
         """Stored bytes of a ``(rows, cols)`` weight in this format: codes, scales and zero points."""
