@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--probe-samples", type=int, default=1)
     ap.add_argument("--pareto", default="2.5,3.0,6.0,8.1", help="bits per weight of further curve points")
     ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument(
+        "--skip-uniform", action="store_true", help="no uniform rows (measured by an earlier run)"
+    )
     ap.add_argument("--fisher-samples", type=int, default=16, help="calibration samples of the Fisher")
     ap.add_argument("--reuse-probe", help="a results JSON whose one-layer measurement (same probe) is reused")
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "mobilenetv2"])
@@ -189,7 +192,8 @@ def main() -> None:
             )
             bpw = planned / sum(table.params.values())
             row = {"name": f"uniform w{bits}g{group}", "bits_per_weight": round(bpw, 4)}
-            rows.append(row | _evaluate(model, uniform, calib, tok, tmp, f"u{bits}"))
+            if not args.skip_uniform:
+                rows.append(row | _evaluate(model, uniform, calib, tok, tmp, f"u{bits}"))
             plan = choose(table, Budget(bits=bpw), base)
             row = {"name": f"mixed at w{bits}g{group} bytes", **_plan_facts(plan)}
             rows.append(row | _evaluate(model, plan.config, calib, tok, tmp, f"m{bits}"))
