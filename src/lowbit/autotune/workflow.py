@@ -79,7 +79,7 @@ def _quantize_save_eval(
             "quantize_seconds": round(seconds, 1), "counts": plan.counts(), "out": str(out)}  # fmt: skip
 
 
-def _loss_budget(model, tok, table: Table, base: WeightOnly, calib, increase: float, rounds: int) -> Plan:
+def _loss_budget(model, table: Table, base: WeightOnly, calib, increase: float, rounds: int) -> Plan:
     """The plan for a perplexity increase of ``increase`` (0.05 = 5%): the predicted loss is rescaled by
     the calibration loss increase measured after each of ``rounds`` quantizations."""
     target, factor = math.log1p(increase), 1.0
@@ -94,7 +94,9 @@ def _loss_budget(model, tok, table: Table, base: WeightOnly, calib, increase: fl
     return plan
 
 
-def _budget(table: Table, size, bits, increase) -> Budget | None:
+def _budget(size, bits, increase) -> Budget | None:
+    """The size or bits budget the flags give, None for a perplexity budget; ``LowbitError`` unless
+    exactly one is given or for a malformed size."""
     given = [
         k
         for k, v in (("--max-size", size), ("--bits", bits), ("--max-ppl-increase", increase))
@@ -138,7 +140,7 @@ def run(
         raise LowbitError(f"--base must be a weight-only scheme (w4g128, w3g64...), got {base!r}")
     if pareto < 0 or rounds < 0:
         raise LowbitError("--pareto and --rounds must be >= 0")
-    _budget(None, max_size, bits, max_ppl_increase)  # bad budget: error before loading anything
+    budget = _budget(max_size, bits, max_ppl_increase)  # bad budget: error before loading anything
     out = check_target(out, overwrite, replaceable=is_checkpoint)
     model, tok = load_any(ref, progress)
     batches = calibration_batches(calib, tok)
@@ -146,9 +148,8 @@ def run(
     table = sensitivity_table(
         model, batches, cands, base=config, include=include, exclude=exclude, progress=progress
     )
-    budget = _budget(table, max_size, bits, max_ppl_increase)
     if budget is None:
-        plan = _loss_budget(model, tok, table, config, batches, float(max_ppl_increase), rounds)
+        plan = _loss_budget(model, table, config, batches, float(max_ppl_increase), rounds)
     else:
         plan = choose(table, budget, config)
     plan_seconds = time.perf_counter() - t0

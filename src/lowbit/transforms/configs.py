@@ -331,8 +331,7 @@ class StaticW8A8(QuantConfig):
         QDrop's random dropping of activation quantization, ``recon_drop``). Both train on ``calib``
         after calibration and bias correction (``lowbit.transforms.reconstruct``): ``recon_steps``
         Adam steps per unit, on ``recon_device`` (e.g. "cuda"; None: where the model is). A unit whose
-        learned rounding fits its calibration data worse than nearest keeps nearest. Fashion-MNIST
-        CNN, W3A8: nearest 84.17%, adaround 90.14% (fp32 91.44; benchmarks/results).
+        learned rounding fits its calibration data worse than nearest keeps nearest.
     layer_bits: per-layer weight bits (a mixed-precision plan): layer fqn -> 2..8, over ``weight_bits``;
         each name must be a Conv2d/Linear the handler quantizes (checked before the model changes).
     Version 2 added ``equalize``, version 3 ``stretch_relu6``, version 4 ``weight_bits`` and learned
