@@ -5,8 +5,10 @@ side in interleaved rounds (``lowbit.eval.latency.compare``), medians in microse
 warm (the same layer called again and again, weights in cache: what the issue's single-layer target
 measures, and what flatters small weights) and cold (copies of the layer cycled so that their weights
 come from DRAM, as in a model too big for the cache). Also timed, for reference: torch's own int8/int4
-weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) and fbgemm's dynamic int8
-Linear (per-tensor activations). Run: python benchmarks/linear_cpu.py [--quick]
+weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), fbgemm's dynamic int8
+Linear (per-tensor activations), and nf4 on the reference backend (dequantize, then matmul). nf4 on
+lowbit's kernel reads the same 4-bit codes as w4g128 and looks each up in a 16-entry table.
+Run: python benchmarks/linear_cpu.py [--quick]
 """
 
 import argparse
@@ -29,9 +31,11 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = {  # name: (config, forced backend or None)
     "w8 (lowbit)": (lowbit.WeightOnly(bits=8, group_size=None, symmetric=True), None),
     "w4g128 (lowbit)": (lowbit.WeightOnly(bits=4, group_size=128), None),
+    "nf4g128 (lowbit)": (lowbit.WeightOnly(format="nf4", group_size=128), None),
     "w8a8 dynamic (lowbit)": (lowbit.Int8Dynamic(), None),
     "w8 (torch int8pack)": (lowbit.WeightOnly(bits=8, group_size=None, symmetric=True), "cpu_int8pack"),
     "w4g128 (torch int4pack)": (lowbit.WeightOnly(bits=4, group_size=128), "cpu_int4pack"),
+    "nf4g128 (reference)": (lowbit.WeightOnly(format="nf4", group_size=128), "reference"),
 }
 
 

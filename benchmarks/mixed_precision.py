@@ -98,13 +98,21 @@ def mobilenetv2(args) -> None:
     with torch.no_grad():  # the float model's own top-1 labels: Fisher and one-layer losses need no labels
         labelled = [(x, model(x).argmax(1)) for x in calib[: args.fisher_batches]]
     base = lowbit.StaticW8A8()
-    t0 = time.perf_counter()
     cands = parse_candidates("w4-sym,w8-sym")
-    table = sensitivity_table(model, labelled, cands, base=base, loss_fn=_label_loss, progress=True)
-    record = {"command": "python benchmarks/mixed_precision.py --model mobilenetv2", "calib": "photos:512"}
-    record |= {"table_seconds": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()[0]}
-    if not args.skip_probe:
-        probe = sensitivity(model, table, labelled[:2], Candidate(4, None, True), None, _label_loss)
+    tables, record = {}, {"command": "python benchmarks/mixed_precision.py --model mobilenetv2"}
+    record["calib"] = "photos:512"
+    record["load_before"] = os.getloadavg()[0]
+    for measure in args.measures.split(","):
+        t0 = time.perf_counter()
+        tables[measure] = sensitivity_table(
+            model, labelled, cands, base=base, loss_fn=_label_loss, progress=True, measure=measure
+        )
+        record[f"table_seconds_{measure}"] = round(time.perf_counter() - t0, 1)
+    table = next(iter(tables.values()))
+    if not args.skip_probe and "fisher" in tables:
+        probe = sensitivity(
+            model, tables["fisher"], labelled[:2], Candidate(4, None, True), None, _label_loss
+        )
         record["sensitivity"] = probe
         print({k: v for k, v in probe.items() if k != "per_layer"}, flush=True)
     params = sum(table.params.values())
@@ -112,7 +120,11 @@ def mobilenetv2(args) -> None:
     for name, config, plan in (
         ("uniform w8a8", base, None),
         ("uniform w4a8", lowbit.StaticW8A8(weight_bits=4), None),
-        *((f"mixed 4/8 at {b} bits", None, choose(table, Budget(bits=b), base)) for b in args.mobilenet_bits),
+        *(
+            (f"mixed 4/8 at {b} bits ({m})", None, choose(t, Budget(bits=b), base))
+            for m, t in tables.items()
+            for b in args.mobilenet_bits
+        ),
     ):
         config = config or plan.config
         q, t1 = copy.deepcopy(model), time.perf_counter()
@@ -150,6 +162,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "mobilenetv2"])
     ap.add_argument("--fisher-batches", type=int, default=4, help="mobilenetv2: 32-crop batches for Fisher")
     ap.add_argument("--mobilenet-bits", default="5.5,6.0", help="mobilenetv2: bits-per-weight budgets")
+    ap.add_argument(
+        "--measures", default="fisher,measured", help="mobilenetv2: sensitivity measures (tune.MEASURES)"
+    )
     args = ap.parse_args()
     args.mobilenet_bits = [float(b) for b in args.mobilenet_bits.split(",")]
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -256,7 +256,7 @@ BAD = {
     "hessian-shape": (torch.eye(100), QuantSpec("int4", True, PerGroup(32)), r"\(100, 100\).*\(64, 64\)"),
     "per-tensor": (torch.eye(64), QuantSpec("int4", True, PerTensor()), "PerChannel"),
     "group-on-rows": (torch.eye(64), QuantSpec("int4", True, PerGroup(8, axis=0)), "PerChannel"),
-    "float-format": (torch.eye(64), QuantSpec("fp8_e4m3", True, PerChannel(0)), "integer"),
+    "binary": (torch.eye(64), QuantSpec("binary", True, PerChannel(0)), "binary"),
 }
 
 

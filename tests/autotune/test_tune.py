@@ -101,3 +101,86 @@ def test_bad_plan_files_are_refused(tmp_path):
     )
     with pytest.raises(LowbitError, match="bits must be an integer 2..8"):
         parse_scheme(f"plan:{tmp_path / 'odd.json'}")
+
+
+def test_measured_sensitivity_is_the_one_layer_loss_and_plans_like_fisher(table):
+    model = tiny_llama()
+    measured = sensitivity_table(model, _calib(), CANDS, exclude=["lm_head"], measure="measured")
+    assert measured.names == table.names and measured.costs == table.costs
+    assert all(v >= 0.0 for row in measured.losses for v in row)
+    layer = table.names[3]
+    one = lowbit.autotune.one_layer_losses(
+        model, _calib(), lowbit.autotune.sensitivity.lm_loss, {layer: model.get_submodule(layer)},
+        lowbit.autotune.parse_candidates("w2g16")[0],
+    )[layer]  # fmt: skip
+    assert measured.losses[3][0] == pytest.approx(max(one, 0.0), rel=1e-5)
+    plan = choose(measured, Budget(bits=4.5))
+    assert plan.bits_per_weight <= 4.5
+    with pytest.raises(LowbitError, match="unknown sensitivity measure 'hessian'; known: fisher, measured"):
+        sensitivity_table(model, _calib(), CANDS, measure="hessian")
+
+
+def test_scale_only_candidates_plan_and_apply(tmp_path):
+    model = tiny_llama()
+    t = sensitivity_table(model, _calib(), ["nf4g16", "w2g16", "fp8"], exclude=["lm_head"])
+    plan = choose(t, Budget(bits=5.0))
+    assert set(plan.counts()) <= {"nf4g16", "w2g16", "fp8"} and plan.bits_per_weight <= 5.0
+    lowbit.quantize_(model, plan.config)
+    formats = {m.spec.format for m in model.modules() if isinstance(m, lowbit.QLinear)}
+    assert formats - {"uint4"} <= {"nf4", "uint2", "fp8_e4m3"}
+    with pytest.raises(LowbitError, match="method hqq fits integer grids only; candidates nf4g16"):
+        sensitivity_table(model, _calib(), ["nf4g16"], base=lowbit.WeightOnly(method="hqq"))
+
+
+def _advice_for(table, us_of):
+    """An Advice holding ``us_of(candidate name)`` microseconds for every planned shape and option."""
+    from lowbit.autotune.latency import _key
+    from lowbit.kernels.advice import Advice
+
+    entries = {}
+    for n, opts in zip(table.names, table.options, strict=True):
+        r, c = table.shapes[n]
+        for cand in opts:
+            entries[_key(r, c, cand, "float16")] = {
+                "batches": [1],
+                "us": {"fp32": [50.0], "x": [us_of(cand.name)]},
+            }
+    return Advice({}, entries)
+
+
+def test_latency_budget_picks_the_least_loss_within_it(table):
+    us = {"w2g16": 1.0, "w4g16": 2.0, "w8": 3.0}
+    table.add_latencies(advice=_advice_for(table, us.get))
+    n = len(table.names)
+    plan = choose(table, Budget(max_latency_us=2.0 * n))
+    assert plan.latency_us == pytest.approx(sum(us[c.name] for c in plan.layers.values()))
+    assert plan.latency_us <= 2.0 * n
+    by_bytes = choose(table, Budget(max_bytes=plan.bytes))  # same costs shape: never a worse loss
+    assert by_bytes.predicted_loss <= plan.predicted_loss + 1e-12
+    slow = choose(table, Budget(max_latency_us=3.0 * n))
+    assert set(slow.counts()) == {"w8"} and slow.predicted_loss <= plan.predicted_loss
+    with pytest.raises(
+        LowbitError, match=rf"no plan runs within 1.0 us per call: the fastest reachable is {n}.0 us"
+    ):
+        choose(table, Budget(max_latency_us=1.0))
+
+
+def test_missing_latency_advice_is_measured_and_said(table):
+    from lowbit.kernels.advice import Advice
+
+    fresh = sensitivity_table(tiny_llama(), _calib(1), ["w4g16", "w8"], exclude=["lm_head"])
+    with pytest.warns(
+        UserWarning,
+        match=r"no latency advice on this machine for 8 layer shape x format pairs .* to the given advice",
+    ):
+        fresh.add_latencies(advice=Advice())
+    assert all(t > 0 for row in fresh.latency_us for t in row)
+
+
+def test_latency_budget_refuses_static_plans():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    calib = [(torch.randn(4, 16), torch.randint(0, 16, (4,)))]
+    t = sensitivity_table(model, calib, ["w4-sym", "w8-sym"], base=lowbit.StaticW8A8(),
+                          loss_fn=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))  # fmt: skip
+    with pytest.raises(LowbitError, match="latency budgets plan weight-only Linears"):
+        choose(t, Budget(max_latency_us=10.0), lowbit.StaticW8A8())

@@ -14,15 +14,29 @@ BASE = ["autotune", "--model", "smollm2-135m", "--calib", "wiki:2x64"]
 @pytest.mark.parametrize(
     "extra,message",
     [
-        ([], "exactly one of --max-size, --bits, --max-ppl-increase"),
+        ([], "exactly one of --max-size, --bits, --max-ppl-increase, --max-latency"),
         (["--bits", "3", "--max-size", "10MB"], "exactly one of"),
         (["--max-size", "ten"], "bad size 'ten'"),
         (["--max-ppl-increase", "five"], "bad --max-ppl-increase"),
         (["--bits", "3", "--candidates", "w3g64,int4"], "bad candidate 'int4'"),
         (["--bits", "3", "--base", "w8a8"], "does not apply to scheme 'w8a8'"),
         (["--bits", "-1"], "budget bits must be a positive number"),
+        (["--max-latency", "fast"], "bad latency 'fast'; write e.g. 8ms or 800us"),
+        (["--max-latency", "8ms", "--bits", "4"], "exactly one of"),
+        (["--bits", "4", "--candidates", "nf4g64", "--method", "hqq"], "method hqq fits integer grids only"),
     ],
-    ids=["no-budget", "two-budgets", "bad-size", "bad-increase", "bad-candidate", "bad-base", "negative"],
+    ids=[
+        "no-budget",
+        "two-budgets",
+        "bad-size",
+        "bad-increase",
+        "bad-candidate",
+        "bad-base",
+        "negative",
+        "bad-latency",
+        "latency-and-bits",
+        "hqq-nf4",
+    ],  # fmt: skip
 )
 def test_bad_input_exit_2_one_line(capsys, tmp_path, extra, message):
     code, _, err = _run(capsys, *BASE, "--out", str(tmp_path / "o"), *extra)

@@ -29,6 +29,11 @@ SPECS = {
     "uint4-g256-wide": QuantSpec("uint4", False, PerGroup(256), "float16"),
     "uint4-g96": QuantSpec("uint4", False, PerGroup(96), "float16"),  # 32 mod 64: not the bf16 path
     "int4-g32-bf16scale": QuantSpec("int4", False, PerGroup(32), "bfloat16"),
+    # 4-bit codebooks: indices looked up in the format's level table
+    "nf4-g64": QuantSpec("nf4", True, PerGroup(64), "float16"),
+    "fp4-g32": QuantSpec("fp4_e2m1", True, PerGroup(32), "float32"),
+    "log2-channel": QuantSpec("log2", True, PerChannel(0), "bfloat16"),
+    "lut4-channel": QuantSpec("lut4", True, PerChannel(0), "float16"),  # a fitted table per row
 }
 # (rows, cols): K that no group divides, K < 32, odd K (a half-filled last byte), K = 1.
 SHAPES = [(48, 576), (33, 100), (16, 31), (5, 1), (24, 1001)]

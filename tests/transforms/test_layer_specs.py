@@ -57,7 +57,7 @@ def _check_specs(model, config):
 def test_layers_round_trip_through_json_and_give_each_fqn_its_spec():
     c = WeightOnly(**W4, method="gptq", layers=MIXED)
     back = config_from_dict(json.loads(json.dumps(c.to_dict())))
-    assert back == c and back.layers == MIXED and back.version == 6
+    assert back == c and back.layers == MIXED and back.version == 7
     assert hash(back) == hash(c)  # ``layers`` is left out of the hash; equality compares it
     assert c != WeightOnly(**W4, method="gptq")
     q = c.linear_spec(f"{ATTN}.q_proj")
@@ -230,7 +230,7 @@ def test_save_load_keeps_every_layer_spec(tmp_path):
     quantize_(model, config)
     lowbit.save(model, tmp_path / "q")
     saved = json.loads((tmp_path / "q" / "quant_config.json").read_text())
-    assert saved["config"]["layers"] == config.layers and saved["config"]["version"] == 6
+    assert saved["config"]["layers"] == config.layers and saved["config"]["version"] == 7
     loaded = lowbit.load(tmp_path / "q")
     assert config_from_dict(loaded.lowbit_config) == config
     specs = {n: m.spec for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))}

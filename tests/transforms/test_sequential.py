@@ -60,9 +60,11 @@ def test_old_weight_only_dicts_still_load():
     assert config_from_dict(v4) == WeightOnly(method="gptq", version=4)  # version 5 added method qat
     v5 = {k: v for k, v in new.items() if k != "layers"} | {"version": 5}
     assert config_from_dict(v5).layers == {}  # version 6 added per-layer formats
-    assert WeightOnly().version == 6 and WeightOnly().compute_dtype == "auto"
+    v6 = {k: v for k, v in new.items() if k != "format"} | {"version": 6}
+    assert config_from_dict(v6).format == "int"  # version 7 added formats beyond int
+    assert WeightOnly().version == 7 and WeightOnly().compute_dtype == "auto"
     with pytest.raises(FormatVersionError, match="newer"):
-        config_from_dict(WeightOnly().to_dict() | {"version": 7})
+        config_from_dict(WeightOnly().to_dict() | {"version": 8})
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from lowbit.core.primitives import (
     quantize,
     to_blocks,
 )
-from lowbit.core.spec import QuantSpec
+from lowbit.core.spec import PerChannel, QuantSpec
 
 Tensor = torch.Tensor
 
@@ -49,7 +49,8 @@ def awq_scales(
     (AWQ's reference search); the one minimising ``sum_i ||x W_i^T - (x / s) Q_i(W_i * s)^T||^2`` wins,
     with ``Q_i`` RTN to ``spec``, or to ``spec[i]`` when given one spec per weight (Linears of one input
     quantized to different formats). ``a = 0`` gives ``s = 1`` (plain RTN), so the result is never
-    worse on ``x``.
+    worse on ``x``. A table format (lut<b>, fitted by k-means) is searched with its uniform proxy
+    ``uint<b>`` per channel: refitting tables at every grid point costs ~50x more.
     """
     if grid < 1:
         raise LowbitError(f"grid must be >= 1, got {grid}")
@@ -59,6 +60,7 @@ def awq_scales(
         raise LowbitError(
             f"{name}: {len(specs)} specs for {len(ws)} weights: give one spec, or one per weight"
         )
+    specs = [_search_proxy(sp) for sp in specs]
     x_mean = x2.abs().mean(0)
     xs = _subsample(x2, max_rows)
     gram = xs.T @ xs
@@ -71,6 +73,13 @@ def awq_scales(
         if err < best_err:
             best_s, best_err = s, err
     return best_s
+
+
+def _search_proxy(spec: QuantSpec) -> QuantSpec:
+    """``spec``, or for a table format the asymmetric per-channel ``uint<bits>`` the scale search uses."""
+    if spec.fmt.kind != "table":
+        return spec
+    return QuantSpec(f"uint{spec.fmt.bits}", False, PerChannel(0), spec.scale_dtype)
 
 
 def awq_clip(

@@ -34,6 +34,7 @@ import torch
 
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.errors import LowbitError
+from lowbit.core.formats import Format
 from lowbit.core.primitives import check_finite, choose_qparams, qparams_from_range, to_blocks
 from lowbit.core.spec import PerChannel, PerGroup, QuantSpec
 
@@ -136,7 +137,13 @@ def gptq(
     perm = torch.argsort(col_w, descending=True, stable=True) if act_order else None
     lazy = group is not None and not (act_order or static_groups)
     fit = _fitter(spec, mse_clip, name)
-    if not lazy:
+    levels = None
+    if spec.fmt.kind == "table":  # tables fitted once, diag(H)-weighted (``lowbit.algorithms.kmeans``)
+        from lowbit.algorithms.kmeans import kmeans
+
+        fitted_table = kmeans(w, spec, importance=col_w.clamp_min(0)[None], name=name)
+        scale, zp, levels = fitted_table.scale, None, fitted_table.levels
+    elif not lazy:
         scale, zp = fit(w, col_w)  # static: from the original weight, before dead columns are zeroed
     wt = w.t()[perm] if perm is not None else w.t().clone(memory_format=torch.contiguous_format)
     if perm is not None:
@@ -146,7 +153,8 @@ def gptq(
         wt[dead] = 0.0
     m = _feedback_factor(h, perm, dead, damp, name)
     w0 = wt.clone()  # the sweep adjusts wt in place; errors are measured against w0
-    has_zp = not (spec.symmetric and spec.fmt.qmin < 0)  # signed symmetric: every zero point is 0
+    # zero points: int formats, except signed symmetric ones (every zero point 0)
+    has_zp = spec.fmt.kind == "int" and not (spec.symmetric and spec.fmt.qmin < 0)
     n = wt.shape[0]
     bounds = set(range(0, n, block_size))
     if lazy:
@@ -157,13 +165,14 @@ def gptq(
     else:
         s_cols, z_cols = _expand_qparams(scale, zp if has_zp else None, n, group, perm)
         refit = None
-    codes = _sweep(wt, w0, m, s_cols, z_cols, spec, sorted(bounds) + [n], refit)
+    table = None if levels is None else levels.float().expand(w.shape[0], -1).contiguous()
+    codes = _sweep(wt, w0, m, s_cols, z_cols, spec, sorted(bounds) + [n], refit, table)
     if lazy:
-        scale, zp = (torch.cat(p, dim=1) for p in zip(*fitted, strict=True))
+        scale, zp = (None if p[0] is None else torch.cat(p, dim=1) for p in zip(*fitted, strict=True))
     back = None if perm is None else torch.argsort(perm)
     codes = codes.t() if perm is None else codes.t()[:, back]
     codes = codes.to(spec.fmt.torch_dtype, memory_format=torch.contiguous_format)
-    qt = QuantizedTensor(codes, scale, zp, spec)
+    qt = QuantizedTensor(codes, scale, zp, spec, levels)
     if not return_values:
         return qt
     return qt, (wt.t() if perm is None else wt.t()[:, back]).contiguous()
@@ -181,8 +190,10 @@ def _check_inputs(
             f"{name}: hessian shape {tuple(hessian.shape)} != ({n_in}, {n_in}) for weight "
             f"shape {tuple(weight.shape)}"
         )
-    if spec.fmt.kind != "int":
-        raise LowbitError(f"{name}: gptq supports integer formats, got {spec.format}")
+    if spec.format == "binary":
+        raise LowbitError(
+            f"{name}: gptq needs a format with a grid; binary's scale is the mean |w| (use rtn)"
+        )
     if damp < 0 or block_size < 1:
         raise LowbitError(f"{name}: need damp >= 0 and block_size >= 1, got {damp}, {block_size}")
     check_finite(weight, name)
@@ -284,14 +295,18 @@ def _mse_qparams(x: Tensor, spec: QuantSpec, col_w: Tensor | None = None) -> tup
         scale, zp = qparams_from_range(lo * p, hi * p, spec)
         s = scale.float().reshape(-1, 1)
         z = torch.zeros_like(s) if zp is None else zp.reshape(-1, 1).float()
-        dq = torch.mul(flat, s.reciprocal()).round_().add_(z).clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)
+        if fmt.kind == "int":
+            dq = torch.mul(flat, s.reciprocal()).round_().add_(z).clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)
+        else:
+            dq = snap(torch.mul(flat, s.reciprocal()), fmt).mul_(s)
         err = dq.sub_(flat).square_().mul_(wflat).sum(-1).view(lo.shape)
         if best is None:
             best, b_scale, b_zp = err, scale, zp
             continue
         better = err < best
         best = torch.where(better, err, best)
-        b_scale, b_zp = torch.where(better, scale, b_scale), torch.where(better, zp, b_zp)
+        b_scale = torch.where(better, scale, b_scale)
+        b_zp = None if zp is None else torch.where(better, zp, b_zp)
     return b_scale, b_zp
 
 
@@ -315,15 +330,18 @@ def _sweep(
     spec: QuantSpec,
     bounds: list[int],
     refit: Callable[[int], None] | None = None,
+    table: Tensor | None = None,
 ) -> Tensor:
     """Quantize the rows of ``wt`` ``(in, out)`` in order, feeding errors forward; returns float codes.
 
     ``wt`` is adjusted in place (row ``k`` ends as the value it was quantized at); ``w0``: the original
     rows. ``m``: unit upper ``(in, in)`` factor. ``s_cols``/``z_cols``: float32 ``(in, out)`` scale and
     zero point per element (``z_cols`` None: zero point 0). ``bounds``: block starts, then ``in``.
-    ``refit(j)``, if given, runs at each block start and may (re)write rows of the qparams.
+    ``refit(j)``, if given, runs at each block start and may (re)write rows of the qparams. ``table``:
+    a table format's ascending levels per output ``(out, K)`` (float32).
     """
-    qmin, qmax = spec.fmt.qmin, spec.fmt.qmax
+    fmt = spec.fmt
+    qmin, qmax = fmt.qmin, fmt.qmax
     codes = torch.empty_like(wt)
     for i1, i2 in zip(bounds[:-1], bounds[1:], strict=False):
         if refit is not None:
@@ -335,6 +353,10 @@ def _sweep(
         err = torch.empty_like(w1)  # (i2 - i1, out)
         rows = zip(w1, codes[i1:i2], err, s1, off, strict=True)
         for i, (w, c, e, s, o) in enumerate(rows):
+            if fmt.kind != "int":  # scale-only formats: the level nearest w / s, code = its index
+                torch.addcmul(o, snap(torch.div(w, s, out=c), fmt, c, table), s, out=e)
+                w1[i + 1 :].addmm_(m1[i, i1 + i + 1 : i2, None], e[None], alpha=-1.0)
+                continue
             torch.div(w, s, out=c).round_()  # ``quantize``'s arithmetic
             if z1 is not None:
                 c.add_(z1[i])
@@ -343,6 +365,30 @@ def _sweep(
             w1[i + 1 :].addmm_(m1[i, i1 + i + 1 : i2, None], e[None], alpha=-1.0)
         wt[i2:].addmm_(m1[:, i2:].t(), err, alpha=-1.0)
     return codes
+
+
+def snap(v: Tensor, fmt: Format, codes: Tensor | None = None, table: Tensor | None = None) -> Tensor:
+    """Values (before scaling) of a scale-only format nearest ``v = w / scale``, as ``quantize`` rounds:
+    the nearest level of a codebook, or of each element's row of ``table`` (``(len(v), K)``, a table
+    format), the float format's rounding of ``v`` clamped to its range. With ``codes`` (``v``'s shape,
+    float), the codes are written there: level indices, or the values."""
+    if fmt.kind == "table":
+        from lowbit.algorithms.kmeans import nearest
+
+        idx = nearest(v[:, None], table)
+        if codes is not None:
+            codes.copy_(idx[:, 0])
+        return table.gather(1, idx)[:, 0]
+    if fmt.kind == "codebook":
+        levels = torch.tensor(fmt.levels, dtype=v.dtype, device=v.device)
+        idx = torch.bucketize(v.contiguous(), (levels[1:] + levels[:-1]) / 2)
+        if codes is not None:
+            codes.copy_(idx)
+        return levels[idx]
+    out = v.clamp(-fmt.float_max, fmt.float_max).to(fmt.torch_dtype).float()
+    if codes is not None:
+        codes.copy_(out)
+    return out
 
 
 def _group_refit(

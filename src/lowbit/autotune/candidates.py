@@ -1,9 +1,11 @@
 """Per-layer candidate formats of a mixed-precision plan, and what each costs in real checkpoint bytes.
 
 A candidate is written like a weight-only scheme: ``w<bits>[g<group>][-sym]`` (``w3g64``, ``w4g128``,
-``w8`` = one scale per output channel). Its cost on a ``(rows, cols)`` weight is what ``QLinear`` stores:
-the bit-packed codes (``rows * stored_bytes(cols)``), the scales (``scale_dtype``) and the zero points (one
-byte each; int formats store them even when symmetric).
+``w8`` = one scale per output channel), or a scale-only format with an optional group: ``nf4g64``,
+``fp4g32``, ``fp8``, ``log2g64``, ``ternaryg64``, or ``kmeans<bits>`` (bits 2..4: a fitted table per
+output channel; ``WeightOnly.format``). Its cost on a ``(rows, cols)`` weight is what ``QLinear``
+stores: the bit-packed codes (``rows * stored_bytes(cols)``), the scales (``scale_dtype``), for int
+formats the zero points (one byte each, stored even when symmetric), for kmeans the tables.
 """
 
 from __future__ import annotations
@@ -16,30 +18,38 @@ import torch
 
 from lowbit.core.codec import stored_bytes
 from lowbit.core.errors import LowbitError
-from lowbit.core.spec import PerChannel, PerGroup, QuantSpec, qparam_shape
+from lowbit.core.formats import get_format
+from lowbit.core.spec import QuantSpec, qparam_shape
+from lowbit.transforms.configs import WEIGHT_FORMATS, weight_spec
 
 _NAME = re.compile(r"w([2-8])(?:g(\d+))?(-sym|-asym)?")
+_SCALE_ONLY = re.compile(r"(nf4|fp4|fp8|log2|ternary)(?:g(\d+))?")
+_KMEANS = re.compile(r"kmeans([2-4])")
 DEFAULT_CANDIDATES = ("w2g64", "w3g128", "w3g64", "w4g128", "w4g64", "w5g128", "w6g128", "w8")
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One weight format: ``bits`` 2..8, ``group_size`` (None: per output channel), ``symmetric``."""
+    """One weight format: ``bits`` 2..8, ``group_size`` (None: per output channel), ``symmetric``;
+    ``format`` a ``WeightOnly.format`` ("int", or a scale-only format whose bits ``bits`` must be)."""
 
     bits: int
     group_size: int | None = None
     symmetric: bool = False
+    format: str = "int"
 
     @property
     def name(self) -> str:
         group = f"g{self.group_size}" if self.group_size else ""
+        if self.format == "kmeans":
+            return f"kmeans{self.bits}"
+        if self.format != "int":
+            return f"{self.format}{group}"
         return f"w{self.bits}{group}{'-sym' if self.symmetric else ''}"
 
     def spec(self, scale_dtype: str = "float16") -> QuantSpec:
         """The ``QuantSpec`` of this candidate (as ``WeightOnly`` builds it)."""
-        fmt = f"int{self.bits}" if self.symmetric else f"uint{self.bits}"
-        gran = PerGroup(self.group_size) if self.group_size else PerChannel(0)
-        return QuantSpec(fmt, self.symmetric, gran, scale_dtype)
+        return weight_spec(self.bits, self.group_size, self.symmetric, scale_dtype, self.format)
 
     def fits(self, shape: tuple[int, int]) -> bool:
         """Whether a ``(rows, cols)`` weight can take this candidate: a group no wider than a row (a
@@ -52,21 +62,36 @@ class Candidate:
         rows, cols = shape
         n_qparams = math.prod(qparam_shape(tuple(shape), spec.block_size(tuple(shape))))
         scale_bytes = torch.empty((), dtype=spec.torch_scale_dtype).element_size()
-        return rows * stored_bytes(cols, spec.fmt) + n_qparams * (scale_bytes + 1)
+        zp_bytes = 1 if spec.fmt.kind == "int" else 0
+        table_bytes = rows * spec.fmt.n_codes * scale_bytes if spec.fmt.kind == "table" else 0
+        return rows * stored_bytes(cols, spec.fmt) + n_qparams * (scale_bytes + zp_bytes) + table_bytes
 
     def entry(self) -> dict:
         """This candidate as a ``WeightOnly.layers`` entry."""
+        if self.format == "kmeans":
+            return {"format": "kmeans", "bits": self.bits}
+        if self.format != "int":
+            return {"format": self.format, "group_size": self.group_size or 0}
         return {"bits": self.bits, "group_size": self.group_size or 0, "symmetric": self.symmetric}
 
 
 def parse_candidate(name: str) -> Candidate:
-    """``Candidate`` from ``w<bits>[g<group>][-sym|-asym]``; ``LowbitError`` naming the bad text."""
-    m = _NAME.fullmatch(name.strip())
-    if not m or (m.group(2) is not None and int(m.group(2)) < 1):
+    """``Candidate`` from ``w<bits>[g<group>][-sym|-asym]``, ``<format>[g<group>]`` (nf4, fp4, fp8, log2,
+    ternary) or ``kmeans<bits>``; ``LowbitError`` naming the bad text."""
+    text = name.strip()
+    if km := _KMEANS.fullmatch(text):
+        return Candidate(int(km.group(1)), None, True, "kmeans")
+    m, other = _NAME.fullmatch(text), _SCALE_ONLY.fullmatch(text)
+    group_text = (m or other).group(2) if (m or other) else None
+    if not (m or other) or (group_text is not None and int(group_text) < 1):
         raise LowbitError(
-            f"bad candidate {name!r}: write w<bits>[g<group>][-sym] with bits 2..8, e.g. w3g64, w4g128, w8"
+            f"bad candidate {name!r}: write w<bits>[g<group>][-sym] with bits 2..8 (w3g64, w4g128, w8), or "
+            "nf4, fp4, fp8, log2, ternary with an optional g<group> (nf4g64), or kmeans2..kmeans4"
         )
-    group = int(m.group(2)) if m.group(2) else None
+    group = int(group_text) if group_text else None
+    if other:
+        fmt = other.group(1)
+        return Candidate(get_format(WEIGHT_FORMATS[fmt]).bits, group, True, fmt)
     return Candidate(int(m.group(1)), group, m.group(3) == "-sym")
 
 

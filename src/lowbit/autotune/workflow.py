@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lowbit.autotune.candidates import DEFAULT_CANDIDATES, parse_candidates
 from lowbit.autotune.sensitivity import lm_loss, mean_loss
-from lowbit.autotune.tune import Budget, Plan, Table, choose, sensitivity_table
+from lowbit.autotune.tune import MEASURES, Budget, Plan, Table, check_candidates, choose, sensitivity_table
 from lowbit.core.errors import LowbitError
 from lowbit.core.fsio import atomic_write_text, check_target
 from lowbit.export.checkpoint import is_checkpoint, save
@@ -40,13 +40,26 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
+_TIME = re.compile(r"(\d+(?:\.\d+)?)\s*(us|ms|s)", re.IGNORECASE)
+_TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def parse_latency(text: str) -> float:
+    """Microseconds of ``800us``, ``8ms``, ``0.008s``."""
+    m = _TIME.fullmatch(str(text).strip())
+    if not m or float(m.group(1)) <= 0:
+        raise LowbitError(f"bad latency {text!r}; write e.g. 8ms or 800us (per decoded token)")
+    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+
+
 def plan_record(plan: Plan) -> dict:
     """``plan.json``: the config ``quantize_`` applies and, per planned layer, its format, parameters,
     bytes, predicted loss increase and relative weight error."""
     layers = {}
     for n, c in plan.layers.items():
         est = plan.sensitivity[n][c.name]
-        layers[n] = {"format": c.name, "params": plan.params[n], "predicted_loss": est["fisher"],
+        layers[n] = {"format": c.name, "params": plan.params[n],
+                     "predicted_loss": est["measured"] if "measured" in est else est["fisher"],
                      "frobenius": est["frobenius"]}  # fmt: skip
     return {
         "format": PLAN_FORMAT,
@@ -55,6 +68,7 @@ def plan_record(plan: Plan) -> dict:
         "bits_per_weight": round(plan.bits_per_weight, 4),
         "bytes": plan.bytes,
         "predicted_loss": plan.predicted_loss,
+        "latency_us": plan.latency_us,
         "counts": plan.counts(),
         "layers": layers,
         "left_to_base": plan.left_to_base,
@@ -64,8 +78,12 @@ def plan_record(plan: Plan) -> dict:
 def _quantize_save_eval(
     float_model, tok, plan: Plan, calib, out: Path, overwrite: bool, progress: bool
 ) -> dict:
-    """Quantize a copy of ``float_model`` with ``plan``, save it with its plan.json, reload, evaluate."""
-    from lowbit.workflows import evaluate
+    """Quantize a copy of ``float_model`` with ``plan``, save it with its plan.json, reload, evaluate
+    held-out perplexity and greedy decode speed (tokens/s, 64-token prompt, 32 new, median of 3)."""
+    from lowbit.data import eval_tokens
+    from lowbit.eval.bench import end_to_end
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.workflows import load_any
 
     model = copy.deepcopy(float_model)
     t0 = time.perf_counter()
@@ -73,9 +91,14 @@ def _quantize_save_eval(
     seconds = time.perf_counter() - t0
     save(model, out, tokenizer=tok, overwrite=overwrite)
     atomic_write_text(out / PLAN_FILE, json.dumps(plan_record(plan), indent=1) + "\n")
-    ev = evaluate(out, progress=progress)
+    del model
+    loaded, _ = load_any(out, progress)
+    tokens = eval_tokens(tok, 8192)
+    ppl = perplexity(loaded, tokens, window=512, progress=progress)
+    speed = end_to_end({"q": loaded}, tokens[None, :64], new=32, rounds=3)["q"]["decode_tok_s"]
     return {"bits_per_weight": round(plan.bits_per_weight, 3), "planned_mb": round(plan.bytes / 1e6, 2),
-            "predicted_loss": round(plan.predicted_loss, 4), "perplexity": ev["perplexity"],
+            "predicted_loss": round(plan.predicted_loss, 4), "perplexity": ppl, "decode_tok_s": speed,
+            "latency_us": None if plan.latency_us is None else round(plan.latency_us, 1),
             "quantize_seconds": round(seconds, 1), "counts": plan.counts(), "out": str(out)}  # fmt: skip
 
 
@@ -94,20 +117,25 @@ def _loss_budget(model, table: Table, base: WeightOnly, calib, increase: float, 
     return plan
 
 
-def _budget(size, bits, increase) -> Budget | None:
-    """The size or bits budget the flags give, None for a perplexity budget; ``LowbitError`` unless
-    exactly one is given or for a malformed size."""
-    given = [
-        k
-        for k, v in (("--max-size", size), ("--bits", bits), ("--max-ppl-increase", increase))
-        if v is not None
-    ]
+def _budget(size, bits, increase, latency=None) -> Budget | None:
+    """The size, bits or latency budget the flags give, None for a perplexity budget; ``LowbitError``
+    unless exactly one is given or for a malformed size or latency."""
+    flags = (
+        ("--max-size", size),
+        ("--bits", bits),
+        ("--max-ppl-increase", increase),
+        ("--max-latency", latency),
+    )
+    given = [k for k, v in flags if v is not None]
     if len(given) != 1:
         raise LowbitError(
-            f"give exactly one of --max-size, --bits, --max-ppl-increase (got {given or 'none'})"
+            "give exactly one of --max-size, --bits, --max-ppl-increase, --max-latency "
+            f"(got {given or 'none'})"
         )
     if increase is not None:
         return None
+    if latency is not None:
+        return Budget(max_latency_us=parse_latency(latency))
     return Budget(max_bytes=parse_size(size)) if size is not None else Budget(bits=float(bits))
 
 
@@ -119,6 +147,7 @@ def run(
     max_size: str | None = None,
     bits: float | None = None,
     max_ppl_increase: float | None = None,
+    max_latency: str | None = None,
     candidates: str | None = None,
     base: str = "w4g128",
     method: str = "awq+gptq",
@@ -126,12 +155,15 @@ def run(
     exclude=(),
     pareto: int = 0,
     rounds: int = 1,
+    measure: str = "fisher",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """The ``lowbit autotune`` job (module docstring); returns the chosen plan's row, the Pareto rows and
     the markdown table. ``max_size``: bytes of the planned layers (e.g. "60MB"); ``bits``: bits per weight
-    over them; ``max_ppl_increase``: a fraction (0.05 = 5%)."""
+    over them; ``max_ppl_increase``: a fraction (0.05 = 5%); ``max_latency``: summed per-token
+    latency of the planned Linears (e.g. "8ms", ``lowbit.autotune.latency``); ``measure``: the sensitivity,
+    ``lowbit.autotune.tune.MEASURES``."""
     from lowbit.workflows import calibration_batches, load_any
 
     cands = parse_candidates(candidates or list(DEFAULT_CANDIDATES))
@@ -140,13 +172,23 @@ def run(
         raise LowbitError(f"--base must be a weight-only scheme (w4g128, w3g64...), got {base!r}")
     if pareto < 0 or rounds < 0:
         raise LowbitError("--pareto and --rounds must be >= 0")
-    budget = _budget(max_size, bits, max_ppl_increase)  # bad budget: error before loading anything
+    if measure not in MEASURES:
+        raise LowbitError(f"unknown --measure {measure!r}; known: {', '.join(MEASURES)}")
+    budget = _budget(max_size, bits, max_ppl_increase, max_latency)  # bad budget: error before loading
+    check_candidates(config, cands)
     out = check_target(out, overwrite, replaceable=is_checkpoint)
     model, tok = load_any(ref, progress)
     batches = calibration_batches(calib, tok)
     t0 = time.perf_counter()
     table = sensitivity_table(
-        model, batches, cands, base=config, include=include, exclude=exclude, progress=progress
+        model,
+        batches,
+        cands,
+        base=config,
+        include=include,
+        exclude=exclude,
+        progress=progress,
+        measure=measure,
     )
     if budget is None:
         plan = _loss_budget(model, table, config, batches, float(max_ppl_increase), rounds)
@@ -175,10 +217,10 @@ def run(
 
 def markdown(chosen: dict, rows: list[dict]) -> str:
     """The Pareto table (measured rows) and the chosen plan, as markdown."""
-    lines = ["| plan | bits/weight | planned MB | predicted dloss | perplexity | formats |",
-             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = ["| plan | bits/weight | planned MB | predicted dloss | perplexity | decode tok/s | formats |",
+             "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for label, r in [("chosen", chosen), *((f"pareto {i + 1}", r) for i, r in enumerate(rows))]:
         counts = ", ".join(f"{k} x{v}" for k, v in r["counts"].items())
         size = f"{r['bits_per_weight']:.3f} | {r['planned_mb']:.2f} | {r['predicted_loss']:.4f}"
-        lines.append(f"| {label} | {size} | {r['perplexity']:.2f} | {counts} |")
+        lines.append(f"| {label} | {size} | {r['perplexity']:.2f} | {r['decode_tok_s']:.1f} | {counts} |")
     return "\n".join(lines)

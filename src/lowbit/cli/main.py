@@ -124,9 +124,14 @@ def _autotune_args(t: argparse.ArgumentParser) -> None:
         "--max-ppl-increase", help="budget: perplexity increase over the float model, e.g. 5%% or 0.05"
     )
     t.add_argument(
+        "--max-latency",
+        help="budget: summed per-token latency of the planned Linears on this machine (e.g. 8ms, 800us; "
+        "from the lowbit advise cache, measured now where it has none)",
+    )
+    t.add_argument(
         "--candidates",
-        help="formats each layer may take, comma-separated (default "
-        "w2g64,w3g128,w3g64,w4g128,w4g64,w5g128,w6g128,w8)",
+        help="formats each layer may take, comma-separated: w<bits>[g<group>][-sym], or nf4, fp4, fp8, log2, "
+        "ternary with an optional g<group> (default w2g64,w3g128,w3g64,w4g128,w4g64,w5g128,w6g128,w8)",
     )
     t.add_argument("--base", default="w4g128", help="scheme of layers not planned (tied, excluded from plan)")
     t.add_argument("--method", default="awq+gptq", help="rounding method of the plan (default awq+gptq)")
@@ -134,6 +139,13 @@ def _autotune_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--exclude", action="append", default=[], help="module-name glob or re:REGEX (repeatable)")
     t.add_argument("--pareto", type=int, default=0, help="also save and evaluate N plans along the frontier")
     t.add_argument("--rounds", type=int, default=1, help="--max-ppl-increase: measured correction rounds")
+    t.add_argument(
+        "--measure",
+        default="fisher",
+        choices=["fisher", "measured"],
+        help="layer sensitivity: Fisher-predicted loss (default) or the loss measured with one layer "
+        "rounded at a time (one pass over --calib per layer and candidate)",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -177,6 +189,7 @@ def _run(args: argparse.Namespace) -> dict:
             max_size=args.max_size,
             bits=args.bits,
             max_ppl_increase=_fraction(args.max_ppl_increase),
+            max_latency=args.max_latency,
             candidates=args.candidates or None,
             base=args.base,
             method=args.method,
@@ -184,6 +197,7 @@ def _run(args: argparse.Namespace) -> dict:
             exclude=args.exclude,
             pareto=args.pareto,
             rounds=args.rounds,
+            measure=args.measure,
             overwrite=args.overwrite,
             progress=not args.quiet,
         )

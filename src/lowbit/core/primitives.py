@@ -104,8 +104,18 @@ def check_input(x: Tensor, name: str) -> None:
             )
 
 
+def no_table(spec: QuantSpec) -> None:
+    """``LowbitError`` for a table format (lut2..lut4): its levels are fitted per tensor, not a range rule."""
+    if spec.fmt.kind == "table":
+        raise LowbitError(
+            f"format {spec.format} has a fitted table per tensor: quantize with lowbit.algorithms.kmeans "
+            "(or rtn, which fits it), not the range-based primitives"
+        )
+
+
 def check_qparams(scale: Tensor, zero_point: Tensor | None, shape: tuple[int, ...], spec: QuantSpec) -> None:
     """Raise ``LowbitError`` unless scale (and zero point) have ``qparam_shape`` (no silent broadcasting)."""
+    no_table(spec)
     want = qparam_shape(tuple(shape), spec.block_size(tuple(shape)))
     for label, p in (("scale", scale), ("zero_point", zero_point)):
         if p is not None and tuple(p.shape) != want:
@@ -144,6 +154,7 @@ def _int_qparams(lo: Tensor, hi: Tensor, fmt: Format, spec: QuantSpec) -> tuple[
 
 def choose_qparams(x: Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[Tensor, Tensor | None]:
     """Scale (``spec.scale_dtype``) and zero point (code dtype, int formats only) per block of ``x``."""
+    no_table(spec)
     check_input(x, name)
     block = spec.block_size(tuple(x.shape))
     xb = to_blocks(x.float(), block)
@@ -170,6 +181,7 @@ def qparams_from_range(
     ``binary`` scales by the mean ``|x|`` of a block, which a range cannot give: pass ``mean_abs``.
     ``name`` labels the errors (as ``choose_qparams``'s).
     """
+    no_table(spec)
     if lo.shape != hi.shape:
         raise LowbitError(f"lo shape {tuple(lo.shape)} != hi shape {tuple(hi.shape)}")
     check_input(torch.stack([lo, hi]), name)

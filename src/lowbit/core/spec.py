@@ -123,6 +123,13 @@ class QuantSpec:
             raise LowbitError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
         if fmt.kind != "int" and not self.symmetric:
             raise LowbitError(f"format {fmt.name} is symmetric only (no zero point)")
+        g = self.granularity
+        if fmt.kind == "table" and not (
+            isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis in (0, -2))
+        ):
+            raise LowbitError(
+                f"format {fmt.name} holds one table per output channel (PerChannel(0)) or per tensor, not {g}"
+            )
 
     @property
     def fmt(self):

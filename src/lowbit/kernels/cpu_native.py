@@ -2,8 +2,10 @@
 
 | op                   | weights                          | small batch          | large batch            |
 |----------------------|----------------------------------|----------------------|------------------------|
-| `weight_only_linear` | int8/uint8/int4/uint4, per chan. | fused GEMV: codes to | dequantize ~1 MiB tiles|
-|                      | or groups of 32k (any K)         | floats in registers  | of W, sgemm each tile  |
+| `weight_only_linear` | int8/uint8/int4/uint4, 4-bit     | fused GEMV: codes to | dequantize ~1 MiB tiles|
+|                      | codebooks (nf4, fp4, log2: table | floats in registers  | of W, sgemm each tile  |
+|                      | lookup, one permute per 16 codes)|                      |                        |
+|                      | per chan. or groups of 32k       |                      |                        |
 | `dynamic_linear`     | int8 symmetric per channel       | u8 x s8 dot products | ``torch._int_mm``      |
 
 On CPUs with AVX512-BF16, 4-bit weights meet one or two activation rows with bf16 dot products: the
@@ -21,7 +23,10 @@ from lowbit.kernels import native
 from lowbit.kernels.reference import DYNAMIC_ACTIVATIONS
 from lowbit.kernels.registry import prepared, register_backend
 
-CODES = {"int8": (0, 0), "uint8": (1, 0), "int4": (2, -8), "uint4": (2, 0)}  # (code kind, offset)
+# format -> (code kind, offset); kind 3: 4-bit indices into a 16-entry level table (the format's own, or
+# the layer's fitted ``levels``, one table per output channel)
+CODES = {"int8": (0, 0), "uint8": (1, 0), "int4": (2, -8), "uint4": (2, 0),
+         "nf4": (3, 0), "fp4_e2m1": (3, 0), "log2": (3, 0), "lut4": (3, 0)}  # fmt: skip
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ZP_KINDS = {torch.int8: 1, torch.uint8: 2}
 GEMV_ROWS = 16
@@ -49,10 +54,24 @@ def _weight_ok(layer, device: torch.device) -> bool:
     )
 
 
+def _lut(layer) -> tuple[torch.Tensor | None, int]:
+    """(float32 level tables, floats between rows' tables): a codebook format's (16,) levels (unused codes
+    0) for every row, a table format's ``levels`` (16 per row, or one table), or None for integer codes."""
+    fmt = layer.spec.fmt
+    if fmt.kind == "table":
+        levels = layer.levels.float().contiguous()
+        return levels, 16 if levels.shape[0] > 1 else 0
+    if fmt.kind != "codebook":
+        return None, 0
+    return torch.tensor(fmt.levels + (0.0,) * (16 - len(fmt.levels)), dtype=torch.float32), 0
+
+
 def _weight_args(layer) -> tuple:
-    """(w, N, row_bytes, code, offset, group, scale, scale kind, zp, zp kind) for the C kernels."""
+    """(w, N, row_bytes, code, offset, group, scale, scale kind, zp, zp kind, lut, lut stride) for the C
+    kernels."""
     code, offset = CODES[layer.spec.format]
     zp = layer.zero_point
+    lut, stride = prepared(layer, "native_lut", lambda: _lut(layer))
     return (
         layer.qweight.data_ptr(),
         layer.rows,
@@ -64,6 +83,8 @@ def _weight_args(layer) -> tuple:
         SCALE_KINDS[layer.scale.dtype],
         zp.data_ptr() if zp is not None else None,
         ZP_KINDS[zp.dtype] if zp is not None else 0,
+        lut.data_ptr() if lut is not None else None,
+        stride,
     )
 
 
@@ -73,11 +94,11 @@ def _bias(layer) -> torch.Tensor | None:
 
 def gemv(x: torch.Tensor, layer) -> torch.Tensor:
     """float32 ``x (M, K)`` contiguous -> ``(M, N)``, one pass over the stored weight."""
-    w, n, rb, code, off, group, sc, sk, zp, zk = _weight_args(layer)
+    w, n, rb, code, off, group, sc, sk, zp, zk, lut, ls = _weight_args(layer)
     y = torch.empty(x.shape[0], n)
     b = _bias(layer)
     rc = native.library().lb_wo_gemm(
-        x.data_ptr(), x.shape[0], layer.cols, w, n, rb, code, off, group, sc, sk, zp, zk,
+        x.data_ptr(), x.shape[0], layer.cols, w, n, rb, code, off, group, sc, sk, zp, zk, lut, ls,
         b.data_ptr() if b is not None else None, y.data_ptr(), native.threads(),
     )  # fmt: skip
     if rc != 0:
@@ -87,9 +108,9 @@ def gemv(x: torch.Tensor, layer) -> torch.Tensor:
 
 def dequantize_rows(layer, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
     """Rows ``n0:n1`` of the weight as float32, written into ``out (n1 - n0, K)``."""
-    w, _, rb, code, off, group, sc, sk, zp, zk = _weight_args(layer)
+    w, _, rb, code, off, group, sc, sk, zp, zk, lut, ls = _weight_args(layer)
     native.library().lb_dequant_rows(
-        w, n0, n1, layer.cols, rb, code, off, group, sc, sk, zp, zk, out.data_ptr(), native.threads()
+        w, n0, n1, layer.cols, rb, code, off, group, sc, sk, zp, zk, lut, ls, out.data_ptr(), native.threads()
     )
     return out
 

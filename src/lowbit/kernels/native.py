@@ -42,7 +42,7 @@ from lowbit.core.errors import LowbitError
 from lowbit.core.fsio import atomic_write_text, cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS = {
     "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"],
     "nobf16": ["-O3", "-march=native", "-mno-avx512bf16", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"],
@@ -54,10 +54,11 @@ SIGNATURES = {
     "lb_has_avx512": ([], _int),
     "lb_has_bf16": ([], _int),
     "lb_wo_gemm": (
-        [_ptr, _i64, _i64, _ptr, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _ptr, _int], _int
+        [_ptr, _i64, _i64, _ptr, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _i64, _ptr, _ptr,
+         _int], _int
     ),
     "lb_dequant_rows": (
-        [_ptr, _i64, _i64, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _int], None
+        [_ptr, _i64, _i64, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _i64, _ptr, _int], None
     ),
     "lb_w8a8_gemm": ([_ptr, _i64, _i64, _ptr, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int], _int),
 }  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lowbit.algorithms.rtn import table_values
 from lowbit.core.codec import decode
 from lowbit.core.primitives import choose_qparams, dequantize, quantize
 from lowbit.core.spec import PerToken, QuantSpec
@@ -18,15 +19,19 @@ def dequantize_weight(
     spec: QuantSpec,
     n: int,
     dtype: torch.dtype,
+    levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float weight ``(rows, n)`` from stored bytes ``(rows, stored_bytes(n))`` and its qparams."""
+    """Float weight ``(rows, n)`` from stored bytes ``(rows, stored_bytes(n))`` and its qparams; a table
+    format's values come from ``levels`` (``lowbit.algorithms.kmeans``)."""
+    if spec.fmt.kind == "table":
+        return table_values(decode(qweight, spec.fmt, n), scale, levels, dtype)
     return dequantize(decode(qweight, spec.fmt, n), scale, zero_point, spec, dtype)
 
 
 @register_backend("weight_only_linear", "reference", priority=0)
 def weight_only_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """``x (..., cols) @ W.T + bias`` with ``W (rows, cols)`` stored quantized in ``layer``."""
-    w = dequantize_weight(layer.qweight, layer.scale, layer.zero_point, layer.spec, layer.cols, x.dtype)
+    w = layer.dequantized_weight(x.dtype)
     return F.linear(x, w, layer.bias)
 
 

@@ -7,6 +7,7 @@ Buffers of a module whose float weight is ``(rows, cols)`` quantized to ``spec``
 | `qweight`    | ``(rows, stored_bytes(cols, fmt))``    | uint8 (bit-packed rows, see codec)  |
 | `scale`      | ``qparam_shape((rows, cols), block)``  | ``spec.scale_dtype``                |
 | `zero_point` | same as `scale` (int formats only)     | int8 / uint8 (the code dtype)       |
+| `levels`     | ``(rows or 1, 2**bits)`` (table formats)| ``spec.scale_dtype``, in [-1, 1]   |
 
 Rows are output channels for ``QLinear`` and table rows for ``QEmbedding``, so a tied embedding and
 LM head share one set of buffers.
@@ -92,6 +93,11 @@ class QuantizedWeightModule(QuantizedModule):
         self.register_buffer("scale", torch.ones(qshape, dtype=spec.torch_scale_dtype))
         zp = torch.zeros(qshape, dtype=fmt.torch_dtype) if fmt.kind == "int" else None
         self.register_buffer("zero_point", zp)
+        if fmt.kind == "table":  # one table per output channel (PerChannel) or per tensor
+            n_tables = qshape[0]
+            self.register_buffer("levels", torch.zeros(n_tables, fmt.n_codes, dtype=spec.torch_scale_dtype))
+        else:
+            self.levels = None
 
     def set_weight(self, qt: QuantizedTensor) -> None:
         """Store an algorithm's result (codes ``(rows, cols)``) into the buffers."""
@@ -100,17 +106,24 @@ class QuantizedWeightModule(QuantizedModule):
         self.qweight = encode(qt.codes, self.spec.fmt)
         self.scale = qt.scale.contiguous()
         self.zero_point = qt.zero_point.contiguous() if qt.zero_point is not None else None
+        if self.spec.fmt.kind == "table":
+            self.levels = qt.levels.to(self.spec.torch_scale_dtype).contiguous()
 
     def share_weight(self, other: QuantizedWeightModule) -> None:
         """Use ``other``'s buffers (tied weights): one stored copy, two modules."""
         if (other.rows, other.cols, other.spec) != (self.rows, self.cols, self.spec):
             raise LowbitError("tied modules must have the same weight shape and spec")
         self.qweight, self.scale, self.zero_point = other.qweight, other.scale, other.zero_point
+        if self.spec.fmt.kind == "table":
+            self.levels = other.levels
 
     def state_problem(self) -> str | None:
         problem = scale_problem("scale", self.scale)
         if problem:
             return problem
+        levels = self.levels
+        if levels is not None and not bool((torch.isfinite(levels) & (levels.abs() <= 1)).all()):
+            return "levels hold values outside [-1, 1] (or NaN/Inf)"
         fmt, zp = self.spec.fmt, self.zero_point
         if zp is not None and zp.numel():
             lo, hi = int(zp.min()), int(zp.max())
@@ -124,7 +137,9 @@ class QuantizedWeightModule(QuantizedModule):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``(rows, cols)`` these buffers stand for."""
-        return dequantize_weight(self.qweight, self.scale, self.zero_point, self.spec, self.cols, dtype)
+        return dequantize_weight(
+            self.qweight, self.scale, self.zero_point, self.spec, self.cols, dtype, self.levels
+        )
 
     def config_entry(self) -> dict:
         """What ``from_entry`` needs to rebuild an empty module of this shape (saved in quant_config.json)."""
@@ -209,6 +224,10 @@ class QEmbedding(QuantizedWeightModule):
         )
         if not per_row and not isinstance(g, PerTensor):
             raise LowbitError(f"QEmbedding needs per-row or per-group (along the row) qparams, got {g}")
+        if spec.fmt.kind == "table":
+            raise LowbitError(
+                f"QEmbedding takes int, codebook and float formats, not the table format {spec.format}"
+            )
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.rows, self.cols = num_embeddings, embedding_dim
         self._init_weight_buffers(spec, dtype)

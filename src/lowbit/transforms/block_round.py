@@ -202,7 +202,8 @@ def round_group(
     for n in names:
         rows = slice(start, start + weights[n].shape[0])
         zp = None if qt.zero_point is None else qt.zero_point[rows].clone()
-        out[n] = QuantizedTensor(qt.codes[rows].clone(), qt.scale[rows].clone(), zp, qt.spec)
+        levels = None if qt.levels is None else qt.levels[rows].clone()
+        out[n] = QuantizedTensor(qt.codes[rows].clone(), qt.scale[rows].clone(), zp, qt.spec, levels)
         if values is not None:
             starts[n] = values[rows].clone()
         start = rows.stop
@@ -218,9 +219,13 @@ def share_group(
         return qts
     names = list(specs)
     flat = (
-        [t for n in names for t in (qts[n].codes, qts[n].scale, qts[n].zero_point)]
+        [t for n in names for t in (qts[n].codes, qts[n].scale, qts[n].zero_point, qts[n].levels)]
         if qts
-        else [None] * (3 * len(names))
+        else [None] * (4 * len(names))
     )
     flat = comm.broadcast(flat, src)
-    return {n: QuantizedTensor(*flat[3 * k : 3 * k + 3], specs[n]) for k, n in enumerate(names)}
+    out = {}
+    for k, n in enumerate(names):
+        codes, scale, zp, levels = flat[4 * k : 4 * k + 4]
+        out[n] = QuantizedTensor(codes, scale, zp, specs[n], levels)
+    return out

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from lowbit.core.errors import FormatVersionError, LowbitError
+from lowbit.core.formats import get_format
 from lowbit.core.spec import PerChannel, PerGroup, QuantSpec
 from lowbit.observers import OBSERVERS
 
@@ -59,15 +60,31 @@ def config_from_dict(d: dict) -> QuantConfig:
     return cls(**d)
 
 
-def _weight_spec(bits: int, group_size: int | None, symmetric: bool, scale_dtype: str) -> QuantSpec:
+# ``WeightOnly.format`` -> core format (None: int{bits} / uint{bits} from ``bits`` and ``symmetric``)
+WEIGHT_FORMATS = {"int": None, "nf4": "nf4", "fp4": "fp4_e2m1", "fp8": "fp8_e4m3", "log2": "log2",
+                  "ternary": "ternary", "binary": "binary", "kmeans": None}  # fmt: skip
+TABLE_METHODS = ("rtn", "gptq", "awq+gptq")  # fit format "kmeans" (awq's clipping search needs a range)
+INT_ONLY_METHODS = ("hqq", "qat")  # fit integer zero points / train integer grids
+
+
+def weight_spec(
+    bits: int, group_size: int | None, symmetric: bool, scale_dtype: str, fmt: str = "int"
+) -> QuantSpec:
+    gran = PerGroup(group_size) if group_size else PerChannel(0)
+    if fmt not in WEIGHT_FORMATS:
+        raise LowbitError(f"unknown weight format {fmt!r}; known: {', '.join(WEIGHT_FORMATS)}")
+    if fmt == "kmeans":  # one fitted table per output channel: group_size does not apply
+        if not 2 <= bits <= 4:
+            raise LowbitError(f"format kmeans takes 2..4 bits (tables of 4..16 levels), got {bits}")
+        return QuantSpec(f"lut{bits}", True, PerChannel(0), scale_dtype)
+    if fmt != "int":  # scale-only formats: no zero point, bits fixed by the format
+        return QuantSpec(WEIGHT_FORMATS[fmt], True, gran, scale_dtype)
     if not 2 <= bits <= 8:
         raise LowbitError(f"weight bits must be 2..8, got {bits}")
-    fmt = f"int{bits}" if symmetric else f"uint{bits}"
-    gran = PerGroup(group_size) if group_size else PerChannel(0)
-    return QuantSpec(fmt, symmetric, gran, scale_dtype)
+    return QuantSpec(f"int{bits}" if symmetric else f"uint{bits}", symmetric, gran, scale_dtype)
 
 
-LAYER_KEYS = ("bits", "group_size", "symmetric")  # of a ``WeightOnly.layers`` entry
+LAYER_KEYS = ("format", "bits", "group_size", "symmetric")  # of a ``WeightOnly.layers`` entry
 
 
 def _check_layer(fqn: object, entry: object) -> dict:
@@ -92,6 +109,21 @@ def _check_layer(fqn: object, entry: object) -> dict:
         )
     if not isinstance(entry.get("symmetric", False), bool):
         raise LowbitError(f"WeightOnly.layers[{fqn!r}]: symmetric must be true or false")
+    fmt = entry.get("format", "int")
+    if fmt not in WEIGHT_FORMATS:
+        raise LowbitError(
+            f"WeightOnly.layers[{fqn!r}]: unknown format {fmt!r}; known: {', '.join(WEIGHT_FORMATS)}"
+        )
+    if fmt == "kmeans" and ("bits" in entry and not 2 <= bits <= 4 or entry.get("group_size")):
+        raise LowbitError(
+            f"WeightOnly.layers[{fqn!r}]: format kmeans takes bits 2..4 and one table per output channel "
+            "(group_size 0)"
+        )
+    if fmt not in ("int", "kmeans") and "bits" in entry and bits != get_format(WEIGHT_FORMATS[fmt]).bits:
+        raise LowbitError(
+            f"WeightOnly.layers[{fqn!r}]: format {fmt} has {get_format(WEIGHT_FORMATS[fmt]).bits} bits, "
+            f"not {bits}; drop 'bits' or write format 'int'"
+        )
     return dict(entry)
 
 
@@ -105,10 +137,18 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # of the calibration forwards 
 class WeightOnly(QuantConfig):
     """Weight-only quantization of Linear and Embedding layers; activations stay float.
 
-    bits: 2..8. group_size: elements per scale along the input dimension; None or 0 = one scale per
-    output channel. symmetric: int{bits} with zero point 0, else uint{bits} with a fitted integer
-    zero point. scale_dtype: storage dtype of scales. embedding_bits / embedding_group_size: for
-    Embedding tables (and an LM head tied to one); None = same as the Linear layers, group 0 = per row.
+    format: the weight codes. "int" (default): ``bits`` 2..8, symmetric int{bits} with zero point 0
+    or asymmetric uint{bits} with a fitted integer zero point. Scale-only formats (no zero point;
+    ``bits`` and ``symmetric`` do not apply): "nf4" (QLoRA's normal-float levels), "fp4" (e2m1),
+    "fp8" (e4m3), "log2" (0 and +-2^-k, 4 bits), "ternary" (-1, 0, 1), "binary" (+-mean|w|); see
+    ``lowbit.core.formats``. "kmeans": ``bits`` 2..4, a table of ``2**bits`` levels per output channel
+    fitted by k-means (``lowbit.algorithms.kmeans``; diag(H)-weighted under gptq and awq+gptq, whose
+    AWQ search uses uint{bits} as a proxy), group_size does not apply; methods rtn, gptq, awq+gptq.
+    Methods hqq and qat take "int" only. Embeddings take ``format`` unless ``embedding_bits`` is set
+    or it is "kmeans" (then int). group_size: elements per scale along the input dimension; None or 0
+    = one scale per output channel. scale_dtype: storage dtype of scales. embedding_bits /
+    embedding_group_size: for Embedding tables (and an LM head tied to one); None = same as the Linear
+    layers, group 0 = per row.
     quantize_embeddings: False keeps Embedding tables float.
 
     method: how Linear weights are rounded (``lowbit.algorithms``):
@@ -143,18 +183,19 @@ class WeightOnly(QuantConfig):
     train_target: what each block trains toward: "block", the float block's outputs on its quantized
     inputs, or "model", the float model's outputs of that block (``block_train.Training.target``).
     layers: per-layer formats (a mixed-precision plan): module fqn (e.g. "model.layers.3.mlp.down_proj")
-    -> ``{"bits": 2..8, "group_size": g (0 or None: per output channel), "symmetric": bool}``, every
-    key optional, missing ones taken from this config (for an Embedding: from its embedding options).
+    -> ``{"format": name, "bits": 2..8, "group_size": g (0 or None: per output channel), "symmetric":
+    bool}``, every key optional, missing ones taken from this config (for an Embedding: from its
+    embedding options).
     Each named module must be a Linear or Embedding the handler quantizes (checked before the model
     changes, ``lowbit.transforms.weight_only.check_layers``); an LM head tied to an embedding takes
     the embedding's format (an entry of its own must agree). Every method honours it
     (``linear_spec(fqn)``, ``embedding_spec(fqn)``; ``lowbit.transforms.block_round.BlockPlan``).
     Version 2 added method options, version 3 ``true_sequential``, version 4 ``compute_dtype``,
-    version 5 method ``qat`` and its ``train_*`` options, version 6 ``layers``; older dicts load as
-    what they ran (``compute_dtype="float32"``, no per-layer formats).
+    version 5 method ``qat`` and its ``train_*`` options, version 6 ``layers``, version 7 ``format``;
+    older dicts load as what they ran (``compute_dtype="float32"``, no per-layer formats, int codes).
     """
 
-    VERSION = 6
+    VERSION = 7
 
     bits: int = 4
     group_size: int | None = 128
@@ -176,7 +217,8 @@ class WeightOnly(QuantConfig):
     train_batch: int = 4
     train_target: str = "block"
     layers: dict[str, dict] = field(default_factory=dict, hash=False)
-    version: int = 6
+    format: str = "int"
+    version: int = 7
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, Mapping):
@@ -187,6 +229,19 @@ class WeightOnly(QuantConfig):
         if self.method not in WEIGHT_METHODS:
             known = ", ".join(WEIGHT_METHODS)
             raise LowbitError(f"unknown weight method {self.method!r}; available: {known}")
+        formats = {self.format} | {e.get("format", self.format) for e in self.layers.values()}
+        if self.method in INT_ONLY_METHODS and formats != {"int"}:
+            other = sorted(formats - {"int"})
+            raise LowbitError(
+                f"method {self.method} fits integer grids only; format {other[0]} needs method rtn, gptq, "
+                "awq or awq+gptq"
+            )
+        if "kmeans" in formats and self.method not in TABLE_METHODS:
+            raise LowbitError(f"format kmeans takes method {', '.join(TABLE_METHODS)}, not {self.method}")
+        if self.method != "rtn" and "binary" in formats:
+            raise LowbitError(
+                f"format binary (scale: mean |w|, no grid to search) takes method rtn, not {self.method}"
+            )
         if not 0.0 <= self.damp < 1.0:
             raise LowbitError(f"damp must be in [0, 1), got {self.damp}")
         if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or self.awq_grid < 1:
@@ -224,12 +279,15 @@ class WeightOnly(QuantConfig):
             return None
         bits = self.embedding_bits if self.embedding_bits is not None else self.bits
         group = self.embedding_group_size if self.embedding_group_size is not None else self.group_size
-        return self._spec(fqn, bits, group)
+        # embedding_bits asks for int codes; tables (kmeans) are for Linears: embeddings take int{bits}
+        fmt = self.format if self.embedding_bits is None and self.format != "kmeans" else "int"
+        return self._spec(fqn, bits, group, fmt)
 
-    def _spec(self, fqn: str | None, bits: int, group: int | None) -> QuantSpec:
+    def _spec(self, fqn: str | None, bits: int, group: int | None, fmt: str | None = None) -> QuantSpec:
         entry = self.layers.get(fqn, {}) if fqn is not None else {}
         bits, group = entry.get("bits", bits), entry.get("group_size", group)
-        return _weight_spec(bits, group, entry.get("symmetric", self.symmetric), self.scale_dtype)
+        sym, fmt = entry.get("symmetric", self.symmetric), entry.get("format", fmt or self.format)
+        return weight_spec(bits, group, sym, self.scale_dtype, fmt)
 
 
 @register_config
@@ -250,7 +308,7 @@ class Int8Dynamic(QuantConfig):
         self.linear_spec()
 
     def linear_spec(self) -> QuantSpec:
-        return _weight_spec(8, None, True, self.scale_dtype)
+        return weight_spec(8, None, True, self.scale_dtype)
 
     def embedding_spec(self) -> QuantSpec | None:
         return self.linear_spec() if self.quantize_embeddings else None
@@ -285,7 +343,7 @@ class SmoothQuant(QuantConfig):
         return True
 
     def linear_spec(self) -> QuantSpec:
-        return _weight_spec(8, None, True, self.scale_dtype)
+        return weight_spec(8, None, True, self.scale_dtype)
 
     def embedding_spec(self) -> QuantSpec | None:
         return self.linear_spec() if self.quantize_embeddings else None

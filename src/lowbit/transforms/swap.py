@@ -59,7 +59,9 @@ def by_rows(quantize: Rounding, weight: torch.Tensor, spec: QuantSpec, name: str
         return quantize(weight, spec, name)
     parts = [quantize(rows, spec, name) for rows in weight.split(CHUNK_ROWS)]
     zp = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
-    return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), zp, spec)
+    levels = None if parts[0].levels is None else torch.cat([p.levels for p in parts])
+    codes, scale = torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts])
+    return QuantizedTensor(codes, scale, zp, spec, levels)
 
 
 def swap_weights(

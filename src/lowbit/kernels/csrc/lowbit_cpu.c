@@ -7,6 +7,8 @@
  *   CODE_S8  int8 two's complement, one byte per code         w = (q - zp) * s
  *   CODE_U8  uint8, one byte per code                         w = (q - zp) * s
  *   CODE_U4  4-bit, code 2j in the low nibble of byte j       w = (u + offset - zp) * s   (offset = qmin)
+ *   CODE_L4  4-bit indices into a 16-entry float table        w = lut[u] * s              (nf4, fp4, log2)
+ * The table of row n is lut + n * lut_stride (lut_stride 0: one table for every row).
  * Scales and zero points (N, G), G = ceil(K / group); the last group may be partial.
  * Scales are float32, float16 or bfloat16; zero points absent, int8 or uint8.
  *
@@ -23,13 +25,15 @@
 #include <immintrin.h>
 #endif
 
-enum { CODE_S8 = 0, CODE_U8 = 1, CODE_U4 = 2 };
+enum { CODE_S8 = 0, CODE_U8 = 1, CODE_U4 = 2, CODE_L4 = 3 };
 enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2 };
 enum { ZP_NONE = 0, ZP_S8 = 1, ZP_U8 = 2 };
 
 #define BLK 32 /* codes per inner block */
 
-int lb_abi_version(void) { return 4; }
+int lb_abi_version(void) { return 5; }
+
+static inline int nibbles(int code) { return code == CODE_U4 || code == CODE_L4; }
 
 #ifdef __AVX512F__
 int lb_has_avx512(void) { return 1; }
@@ -118,16 +122,23 @@ static inline void zp_correction(int64_t n, int64_t m0, const int MB, int64_t G,
 }
 
 /* 32 codes of block kb as two float vectors: codes [0,16) of the block -> *a, [16,32) -> *b
- * (for 4-bit: even codes -> *a, odd -> *b, matching prepare_x's reordering). */
-static inline void load_block(const uint8_t *wr, int64_t kb, int64_t row_bytes, int code, __m512 *a,
-                              __m512 *b) {
-    if (code == CODE_U4) {
+ * (for 4-bit: even codes -> *a, odd -> *b, matching prepare_x's reordering). CODE_L4 looks each index
+ * up in the row's table `lut` (one permute per 16 codes). */
+static inline void load_block(const uint8_t *wr, int64_t kb, int64_t row_bytes, int code, __m512 lut,
+                              __m512 *a, __m512 *b) {
+    if (nibbles(code)) {
         int64_t off = kb * 16, left = row_bytes - off;
         __m128i raw = left >= 16 ? _mm_loadu_si128((const __m128i *)(wr + off))
                                  : _mm_maskz_loadu_epi8((__mmask16)((1u << left) - 1), wr + off);
         __m512i v = _mm512_cvtepu8_epi32(raw);
-        *a = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-        *b = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(v, 4);
+        if (code == CODE_L4) {
+            *a = _mm512_permutexvar_ps(lo, lut);
+            *b = _mm512_permutexvar_ps(hi, lut);
+        } else {
+            *a = _mm512_cvtepi32_ps(lo);
+            *b = _mm512_cvtepi32_ps(hi);
+        }
         return;
     }
     int64_t off = kb * BLK, left = row_bytes - off;
@@ -148,8 +159,9 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
                                                          const int MB, int64_t Kp, int64_t row_bytes,
                                                          int code, float offset, int64_t group,
                                                          int64_t G, const void *scale, int sk,
-                                                         const void *zp, int zk, const float *xp,
-                                                         const float *xs, float *out) {
+                                                         const void *zp, int zk, const float *lut,
+                                                         const float *xp, const float *xs, float *out) {
+    __m512 lv = lut ? _mm512_loadu_ps(lut) : _mm512_setzero_ps();
     __m512 tot[4];
     float corr[4];
     for (int i = 0; i < MB; i++) tot[i] = _mm512_setzero_ps();
@@ -167,7 +179,7 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
             __m512 sv1 = _mm512_set1_ps(s);
             for (; kb < kb1; kb++) {
                 __m512 a, b;
-                load_block(wr, kb, row_bytes, code, &a, &b);
+                load_block(wr, kb, row_bytes, code, lv, &a, &b);
                 const float *xr = xp + m0 * Kp + kb * BLK;
                 if (kb & 1) {
                     r3 = _mm512_fmadd_ps(_mm512_mul_ps(a, sv1), _mm512_loadu_ps(xr), r3);
@@ -181,7 +193,7 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
         }
         for (; kb < kb1; kb++) {
             __m512 a, b;
-            load_block(wr, kb, row_bytes, code, &a, &b);
+            load_block(wr, kb, row_bytes, code, lv, &a, &b);
             for (int i = 0; i < MB; i++) {
                 const float *xr = xp + (m0 + i) * Kp + kb * BLK;
                 acc[i] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xr), acc[i]);
@@ -310,7 +322,8 @@ static int wo_gemm_u4_bf16(const float *x, int64_t M, int64_t K, const uint8_t *
 }
 #endif /* __AVX512BF16__ */
 #else
-static inline float code_at(const uint8_t *wr, int64_t k, int code) {
+static inline float code_at(const uint8_t *wr, int64_t k, int code, const float *lut) {
+    if (code == CODE_L4) return lut[(wr[k / 2] >> ((k % 2) * 4)) & 15];
     if (code == CODE_U4) return (float)((wr[k / 2] >> ((k % 2) * 4)) & 15);
     if (code == CODE_S8) return (float)(int8_t)wr[k];
     return (float)wr[k];
@@ -318,9 +331,9 @@ static inline float code_at(const uint8_t *wr, int64_t k, int code) {
 
 static inline void row_mb(const uint8_t *wr, int64_t n, int64_t m0, const int MB, int64_t Kp,
                           int64_t row_bytes, int code, float offset, int64_t group, int64_t G,
-                          const void *scale, int sk, const void *zp, int zk, const float *xp,
-                          const float *xs, float *out) {
-    int64_t K = code == CODE_U4 ? row_bytes * 2 : row_bytes;
+                          const void *scale, int sk, const void *zp, int zk, const float *lut,
+                          const float *xp, const float *xs, float *out) {
+    int64_t K = nibbles(code) ? row_bytes * 2 : row_bytes;
     for (int i = 0; i < MB; i++) {
         const float *xr = xp + (m0 + i) * Kp;
         float tot = 0.0f;
@@ -329,8 +342,8 @@ static inline void row_mb(const uint8_t *wr, int64_t n, int64_t m0, const int MB
             int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
             float acc = 0.0f;
             for (int64_t k = g * group; k < k1; k++) {
-                int64_t pos = code == CODE_U4 ? k / BLK * BLK + (k % 2) * (BLK / 2) + (k % BLK) / 2 : k;
-                acc += code_at(wr, k, code) * xr[pos];
+                int64_t pos = nibbles(code) ? k / BLK * BLK + (k % 2) * (BLK / 2) + (k % BLK) / 2 : k;
+                acc += code_at(wr, k, code, lut) * xr[pos];
             }
             tot += s * (acc - z * xs[(m0 + i) * G + g]);
         }
@@ -343,7 +356,7 @@ static inline void row_mb(const uint8_t *wr, int64_t n, int64_t m0, const int MB
  * multiple of 32 unless it covers all of K. Returns 0, or -1 if a buffer could not be allocated. */
 int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, int64_t row_bytes,
                int code, int offset, int64_t group, const void *scale, int sk, const void *zp, int zk,
-               const float *bias, float *y, int nthreads) {
+               const float *lut, int64_t lut_stride, const float *bias, float *y, int nthreads) {
     int64_t Kp = round_up(K, BLK), Mp = round_up(M, 4), G = (K + group - 1) / group;
     if (group >= K) group = Kp;
 #ifdef LB_BF16
@@ -356,19 +369,20 @@ int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N
         free(xs);
         return -1;
     }
-    prepare_x(x, M, Mp, K, Kp, group, G, code == CODE_U4, xp, xs);
+    prepare_x(x, M, Mp, K, Kp, group, G, nibbles(code), xp, xs);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * row_bytes;
+        const float *ln = lut ? lut + n * lut_stride : NULL;
         float out[4] = {0, 0, 0, 0};
         float bn = bias ? bias[n] : 0.0f;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             if (M - m0 == 1) {
                 row_mb(wr, n, m0, 1, Kp, row_bytes, code, (float)offset, group, G, scale, sk, zp, zk,
-                       xp, xs, out);
+                       ln, xp, xs, out);
             } else {
                 row_mb(wr, n, m0, 4, Kp, row_bytes, code, (float)offset, group, G, scale, sk, zp, zk,
-                       xp, xs, out);
+                       ln, xp, xs, out);
             }
             for (int64_t i = 0; i < 4 && m0 + i < M; i++) y[(m0 + i) * N + n] = out[i] + bn;
         }
@@ -381,7 +395,7 @@ int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N
 /* out (n1 - n0, K) float32: rows n0..n1 of W dequantized (for large batches: tile, then sgemm). */
 void lb_dequant_rows(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, int64_t row_bytes, int code,
                      int offset, int64_t group, const void *scale, int sk, const void *zp, int zk,
-                     float *out, int nthreads) {
+                     const float *lut, int64_t lut_stride, float *out, int nthreads) {
     int64_t G = (K + group - 1) / group;
 #ifdef __AVX512F__
     if (group % BLK == 0 || G == 1) {
@@ -392,12 +406,13 @@ void lb_dequant_rows(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, int64_
         for (int64_t n = n0; n < n1; n++) {
             const uint8_t *wr = w + n * row_bytes;
             float *o = out + (n - n0) * K;
+            __m512 lv = lut ? _mm512_loadu_ps(lut + n * lut_stride) : _mm512_setzero_ps();
             for (int64_t k = 0; k < K; k += BLK) {
                 int64_t g = k / group;
                 float s = scale_at(scale, sk, n * G + g), z = zp_at(zp, zk, n * G + g) - (float)offset;
                 __m512 a, b, sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
-                load_block(wr, k / BLK, row_bytes, code, &a, &b);
-                if (code == CODE_U4) {
+                load_block(wr, k / BLK, row_bytes, code, lv, &a, &b);
+                if (nibbles(code)) {
                     __m512 t = _mm512_permutex2var_ps(a, lo_idx, b);
                     b = _mm512_permutex2var_ps(a, hi_idx, b);
                     a = t;
@@ -420,7 +435,10 @@ void lb_dequant_rows(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, int64_
             float s = scale_at(scale, sk, n * G + g), z = zp_at(zp, zk, n * G + g) - (float)offset;
             int64_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
             int64_t k0 = g * group;
-            if (code == CODE_U4) {
+            if (code == CODE_L4) {
+                const float *ln = lut + n * lut_stride;
+                for (int64_t k = k0; k < k1; k++) o[k] = (ln[(wr[k >> 1] >> ((k & 1) * 4)) & 15] - z) * s;
+            } else if (code == CODE_U4) {
                 for (int64_t k = k0; k < k1; k++) o[k] = ((float)((wr[k >> 1] >> ((k & 1) * 4)) & 15) - z) * s;
             } else if (code == CODE_S8) {
                 const int8_t *ws = (const int8_t *)wr;
