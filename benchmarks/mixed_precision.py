@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -97,10 +98,10 @@ def mobilenetv2(args) -> None:
     calib, score = photos_task(model)
     with torch.no_grad():  # the float model's own top-1 labels: Fisher and one-layer losses need no labels
         labelled = [(x, model(x).argmax(1)) for x in calib[: args.fisher_batches]]
-    base = lowbit.StaticW8A8()
+    base = lowbit.StaticW8A8(weight_observer=args.weight_observer)
     cands = parse_candidates("w4-sym,w8-sym")
     tables, record = {}, {"command": "python benchmarks/mixed_precision.py --model mobilenetv2"}
-    record["calib"] = "photos:512"
+    record |= {"calib": "photos:512", "weight_observer": args.weight_observer}
     record["load_before"] = os.getloadavg()[0]
     for measure in args.measures.split(","):
         t0 = time.perf_counter()
@@ -119,7 +120,7 @@ def mobilenetv2(args) -> None:
     rows = []
     for name, config, plan in (
         ("uniform w8a8", base, None),
-        ("uniform w4a8", lowbit.StaticW8A8(weight_bits=4), None),
+        ("uniform w4a8", replace(base, weight_bits=4), None),
         *(
             (f"mixed 4/8 at {b} bits ({m})", None, choose(t, Budget(bits=b), base))
             for m, t in tables.items()
@@ -165,6 +166,7 @@ def main() -> None:
     ap.add_argument(
         "--measures", default="fisher,measured", help="mobilenetv2: sensitivity measures (tune.MEASURES)"
     )
+    ap.add_argument("--weight-observer", default="minmax", help="mobilenetv2: StaticW8A8.weight_observer")
     args = ap.parse_args()
     args.mobilenet_bits = [float(b) for b in args.mobilenet_bits.split(",")]
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -101,6 +101,11 @@ def test_bad_plan_files_are_refused(tmp_path):
     )
     with pytest.raises(LowbitError, match="bits must be an integer 2..8"):
         parse_scheme(f"plan:{tmp_path / 'odd.json'}")
+    (tmp_path / "fmt.json").write_text(
+        json.dumps({"config": {"type": "WeightOnly", "layers": {"x": {"format": "nf3"}}}})
+    )
+    with pytest.raises(LowbitError, match=r"layers\['x'\]: unknown format 'nf3'; known: int, nf4"):
+        parse_scheme(f"plan:{tmp_path / 'fmt.json'}")
 
 
 def test_measured_sensitivity_is_the_one_layer_loss_and_plans_like_fisher(table):

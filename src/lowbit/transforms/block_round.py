@@ -3,8 +3,9 @@ with a spec per Linear), the statistics of a Linear input that rounding reads (`
 the rounding of one input group, the Linears that read the same input (``round_group``).
 
 Linears of one group may have different specs (a mixed-precision plan, ``WeightOnly.layers``): GPTQ
-then rounds them one by one from the shared Hessian instead of stacked (``round_group``), and AWQ's
-scale search scores each weight with its own spec (``lowbit.algorithms.awq.awq_scales``).
+stacks those that share a spec and rounds the others one by one from the shared Hessian
+(``round_group``), and AWQ's scale search scores each weight with its own spec
+(``lowbit.algorithms.awq.awq_scales``).
 """
 
 from __future__ import annotations
@@ -182,22 +183,41 @@ def round_group(
 
     GPTQ on 2+ Linears of one spec (q/k/v, gate/up) runs once on their weights stacked along the output
     dim: rows are independent given the shared Hessian, so each Linear gets its own result, with one
-    factorisation and one column sweep instead of one per Linear. With specs that differ, each Linear
-    is rounded on its own from the same Hessian. A group that saw no calibration token is rounded
-    without data (HQQ; ``PipelineSummary.uncalibrated``)."""
+    factorisation and one column sweep instead of one per Linear. Linears whose spec no other member
+    shares are rounded on their own from the same Hessian (k/v stacked, q alone, when q differs). A
+    group that saw no calibration token is rounded without data (HQQ; ``PipelineSummary.uncalibrated``)."""
     specs = {n: plan.spec_of(f"{prefix}.{n}") for n in names}
     weights = {n: mods[n].weight.detach() for n in names}
     if plan.needs_data and not st.usable:
         return {n: rounding("hqq")(weights[n], specs[n], f"{prefix}.{n}.weight") for n in names}
-    if plan.rounding != "gptq" or len(names) < 2 or len(set(specs.values())) > 1:
-        out = {}
+    out = {}
+    if plan.rounding == "gptq":  # Linears of one spec are stacked: one factorisation, one sweep
+        by_spec: dict[QuantSpec, list[str]] = {}
         for n in names:
+            by_spec.setdefault(specs[n], []).append(n)
+        for members in by_spec.values():
+            if len(members) > 1:
+                out |= _round_stacked(members, weights, st, plan, prefix, specs[members[0]], starts)
+    for n in names:
+        if n not in out:
             out[n], values = round_weight(weights[n], st, plan, specs[n], f"{prefix}.{n}.weight")
             if values is not None:
                 starts[n] = values
-        return out
+    return {n: out[n] for n in names}
+
+
+def _round_stacked(
+    names: list[str],
+    weights: dict,
+    st: InputStats,
+    plan: BlockPlan,
+    prefix: str,
+    spec: QuantSpec,
+    starts: dict,
+) -> dict[str, QuantizedTensor]:
+    """GPTQ on the weights ``names`` (one spec) stacked along the output dim, split back per Linear."""
     name = f"{prefix}.{{{','.join(names)}}}.weight"
-    qt, values = round_weight(torch.cat(list(weights.values())), st, plan, specs[names[0]], name)
+    qt, values = round_weight(torch.cat([weights[n] for n in names]), st, plan, spec, name)
     out, start = {}, 0
     for n in names:
         rows = slice(start, start + weights[n].shape[0])
