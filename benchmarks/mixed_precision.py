@@ -5,9 +5,10 @@ Decoder Linears only (embedding and tied LM head float), AWQ+GPTQ rounding for e
 ``wiki:NxL`` (default 64 x 512, as the README's uniform rows), perplexity on the 8,192 held-out tokens
 (window 512) of each model after it is saved and reloaded (``lowbit.save`` / ``lowbit.load``).
 
-1. Sensitivity: the Fisher-predicted and Frobenius errors of every layer at ``--probe`` (w2g64), ranked
-   (Spearman) against the loss increase measured with only that layer rounded (RTN), on the first
-   ``--probe-samples`` calibration samples.
+1. Sensitivity at ``--probe`` (w2g64): the loss increase with only one layer rounded (RTN), measured on
+   4 held-out windows (the ground truth), against which three measures are ranked (Spearman): the same
+   measurement on the first ``--probe-samples`` calibration samples (output-based), the Fisher-predicted
+   loss and the relative Frobenius error.
 2. Uniform w3g64 and w4g128 (AWQ+GPTQ), and the mixed plans at their planned-layer bytes.
 3. The Pareto curve: plans at ``--pareto`` bits per weight, each saved, reloaded and evaluated.
 
@@ -55,27 +56,31 @@ def _evaluate(model, config, calib, tok, tmp: Path, name: str) -> dict:
     }
 
 
-def sensitivity(model, table, calib, probe: Candidate, samples, loss_fn=lm_loss, measured=None) -> dict:
-    """Spearman of the Fisher and Frobenius errors at ``probe`` against measured one-layer losses
-    (``measured``: fqn -> loss increase of an earlier run of the same probe, else measured now)."""
+def sensitivity(model, table, calib, held, probe: Candidate, loss_fn=lm_loss) -> dict:
+    """How well each measure ranks the layers at ``probe``: Spearman of the Fisher-predicted loss, the
+    relative Frobenius error and the output-based measure (the loss increase with only that layer
+    rounded, on the calibration batches ``calib``) against the same one-layer loss increase measured on
+    held-out batches ``held``, the ground truth."""
     layers = {n: model.get_submodule(n) for n in table.names}
     t0 = time.perf_counter()
     scale = "float32" if loss_fn is not lm_loss else "float16"
-    if measured is None:
-        measured = one_layer_losses(model, calib[:samples], loss_fn, layers, probe, scale, progress=True)
-    names = list(measured)
+    truth = one_layer_losses(model, held, loss_fn, layers, probe, scale, progress=True)
+    output = one_layer_losses(model, calib, loss_fn, layers, probe, scale, progress=True)
+    names = list(truth)
     fisher = [table.sensitivity[n][probe.name]["fisher"] for n in names]
     frob = [table.sensitivity[n][probe.name]["frobenius"] for n in names]
-    real = [measured[n] for n in names]
+    real, out = [truth[n] for n in names], [output[n] for n in names]
     return {
         "probe": probe.name,
-        "samples": samples,
+        "calib_batches": len(calib),
+        "held_batches": len(held),
         "layers": len(names),
+        "spearman_output": round(spearman(out, real), 4),
         "spearman_fisher": round(spearman(fisher, real), 4),
         "spearman_frobenius": round(spearman(frob, real), 4),
         "seconds": round(time.perf_counter() - t0, 1),
         "per_layer": {
-            n: {"measured": measured[n], "fisher": f, "frobenius": r}
+            n: {"held_out": truth[n], "output": output[n], "fisher": f, "frobenius": r}
             for n, f, r in zip(names, fisher, frob, strict=True)
         },
     }
@@ -98,10 +103,15 @@ def mobilenetv2(args) -> None:
     calib, score = photos_task(model)
     with torch.no_grad():  # the float model's own top-1 labels: Fisher and one-layer losses need no labels
         labelled = [(x, model(x).argmax(1)) for x in calib[: args.fisher_batches]]
+    if args.fisher_per_sample:  # squared gradients of single crops: the empirical Fisher, not the batch's
+        labelled = [(x[i : i + 1], y[i : i + 1]) for x, y in labelled for i in range(len(x))]
     base = lowbit.StaticW8A8(weight_observer=args.weight_observer)
     cands = parse_candidates("w4-sym,w8-sym")
     tables, record = {}, {"command": "python benchmarks/mixed_precision.py --model mobilenetv2"}
     record |= {"calib": "photos:512", "weight_observer": args.weight_observer}
+    record["fisher"] = f"{args.fisher_batches} x 32 crops, " + (
+        "per crop" if args.fisher_per_sample else "per batch"
+    )
     record["load_before"] = os.getloadavg()[0]
     for measure in args.measures.split(","):
         t0 = time.perf_counter()
@@ -111,9 +121,10 @@ def mobilenetv2(args) -> None:
         record[f"table_seconds_{measure}"] = round(time.perf_counter() - t0, 1)
     table = next(iter(tables.values()))
     if not args.skip_probe and "fisher" in tables:
-        probe = sensitivity(
-            model, tables["fisher"], labelled[:2], Candidate(4, None, True), None, _label_loss
-        )
+        with torch.no_grad():  # the first two Fisher batches; held out: the four after them
+            batches = [(x, model(x).argmax(1)) for x in calib[: args.fisher_batches + 4]]
+        cand = Candidate(4, None, True)
+        probe = sensitivity(model, tables["fisher"], batches[:2], batches[-4:], cand, _label_loss)
         record["sensitivity"] = probe
         print({k: v for k, v in probe.items() if k != "per_layer"}, flush=True)
     params = sum(table.params.values())
@@ -159,7 +170,6 @@ def main() -> None:
         "--skip-uniform", action="store_true", help="no uniform rows (measured by an earlier run)"
     )
     ap.add_argument("--fisher-samples", type=int, default=16, help="calibration samples of the Fisher")
-    ap.add_argument("--reuse-probe", help="a results JSON whose one-layer measurement (same probe) is reused")
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "mobilenetv2"])
     ap.add_argument("--fisher-batches", type=int, default=4, help="mobilenetv2: 32-crop batches for Fisher")
     ap.add_argument("--mobilenet-bits", default="5.5,6.0", help="mobilenetv2: bits-per-weight budgets")
@@ -167,6 +177,9 @@ def main() -> None:
         "--measures", default="fisher,measured", help="mobilenetv2: sensitivity measures (tune.MEASURES)"
     )
     ap.add_argument("--weight-observer", default="minmax", help="mobilenetv2: StaticW8A8.weight_observer")
+    ap.add_argument(
+        "--fisher-per-sample", action="store_true", help="mobilenetv2: Fisher from one crop per backward pass"
+    )
     args = ap.parse_args()
     args.mobilenet_bits = [float(b) for b in args.mobilenet_bits.split(",")]
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -189,11 +202,10 @@ def main() -> None:
     record["fisher_samples"] = args.fisher_samples
     record |= {"table_seconds": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()[0]}
     if not args.skip_probe:
-        measured = _earlier_probe(args.reuse_probe, args.probe, args.probe_samples)
-        record["sensitivity"] = sensitivity(
-            model, table, calib, Candidate(2, 64), args.probe_samples, lm_loss, measured
-        )
-        record["sensitivity"]["reused_measurement"] = measured is not None
+        ev = eval_tokens(tok, 8192)  # one window from each of 4 held-out articles
+        held = [ev[i : i + length][None] for i in range(0, 4 * 2048, 2048)]
+        probe = parse_candidates(args.probe)[0]
+        record["sensitivity"] = sensitivity(model, table, calib[: args.probe_samples], held, probe, lm_loss)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "mixed_precision.json").write_text(
             json.dumps(record, indent=1) + "\n"
@@ -227,16 +239,6 @@ def main() -> None:
     print(markdown(record))
 
 
-def _earlier_probe(path, probe: str, samples: int) -> dict | None:
-    """fqn -> measured one-layer loss of an earlier run's probe (same candidate and samples), or None."""
-    if not path:
-        return None
-    earlier = json.loads(Path(path).read_text()).get("sensitivity", {})
-    if earlier.get("probe") != probe or earlier.get("samples") != samples:
-        raise SystemExit(f"{path}: its probe is {earlier.get('probe')} x {earlier.get('samples')} samples")
-    return {n: v["measured"] for n, v in earlier["per_layer"].items()}
-
-
 def _plan_facts(plan) -> dict:
     bpw = round(plan.bits_per_weight, 4)
     return {"bits_per_weight": bpw, "counts": plan.counts(), "predicted_loss": plan.predicted_loss}
@@ -262,9 +264,10 @@ def markdown(record: dict) -> str:
     if s:
         lines += [
             "",
-            f"Sensitivity at {s['probe']} ({s['layers']} layers, one layer at a time on {s['samples']} "
-            f"calibration samples): Spearman Fisher-predicted {s['spearman_fisher']}, Frobenius "
-            f"{s['spearman_frobenius']}.",
+            f"Sensitivity at {s['probe']} ({s['layers']} layers): Spearman rank correlation with the loss "
+            f"increase of one layer rounded at a time on {s['held_batches']} held-out windows: output-based "
+            f"(the same on {s['calib_batches']} calibration samples) {s['spearman_output']}, "
+            f"Fisher-predicted {s['spearman_fisher']}, Frobenius {s['spearman_frobenius']}.",
         ]
     return "\n".join(lines) + "\n"
 

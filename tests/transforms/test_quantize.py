@@ -138,7 +138,18 @@ def test_parse_scheme_embedding_override():
     assert isinstance(c.embedding_spec().granularity, PerChannel)
 
 
-@pytest.mark.parametrize("scheme", ["w9", "int4", "w4g", "w1g32", "", "w4e", "w4g128e9"])
+@pytest.mark.parametrize(
+    "scheme,fmt,group",
+    [("nf4g64", "nf4", 64), ("fp8", "fp8_e4m3", None), ("kmeans3", "lut3", None), ("log2g128", "log2", 128)],
+)
+def test_parse_scheme_other_formats(scheme, fmt, group):
+    spec = parse_scheme(scheme).linear_spec()
+    assert spec.format == fmt and getattr(spec.granularity, "size", None) == group
+
+
+@pytest.mark.parametrize(
+    "scheme", ["w9", "int4", "w4g", "w1g32", "", "w4e", "w4g128e9", "nf3", "kmeans5", "kmeans3g64", "nf4g0"]
+)
 def test_parse_scheme_rejects(scheme):
     with pytest.raises(LowbitError):
         parse_scheme(scheme)

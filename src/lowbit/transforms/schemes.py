@@ -9,6 +9,8 @@
 | `w8a8`       | ``Int8Dynamic()``: int8 weights per channel, int8 activations per token |
 | `w8a8-static`| ``StaticW8A8()``: activation ranges fixed by calibration (needs data) |
 | `w4a8-static`| ``StaticW8A8(weight_bits=4)``: int4 per-channel weights (any of 2..8)  |
+| `nf4g64`     | ``WeightOnly(format="nf4", group_size=64)``; also fp4, fp8, log2, ternary [g<group>] |
+| `kmeans3`    | ``WeightOnly(format="kmeans", bits=3)``: a fitted 8-level table per output channel |
 | `plan:FILE`  | the config in a JSON file (``lowbit autotune``'s plan.json, or a config dict) |
 
 Without a suffix, 8-bit schemes are symmetric and lower bit widths asymmetric. Bits: 2..8; group sizes
@@ -43,6 +45,9 @@ MAX_GROUP = 1 << 20
 STATIC_ROUNDINGS = ("adaround", "brecq")
 _STATIC = re.compile(r"w(?P<bits>\d)a8-static")
 _SCHEME = re.compile(r"w(?P<bits>\d)(?:g(?P<group>\d+))?(?:e(?P<emb>\d))?(?P<sym>-sym|-asym)?")
+_FORMAT_SCHEME = re.compile(
+    r"(?P<fmt>nf4|fp4|fp8|log2|ternary)(?:g(?P<group>\d+))?|(?P<km>kmeans)(?P<bits>[2-4])"
+)
 
 
 def parse_scheme(scheme: str, method: str | None = None) -> QuantConfig:
@@ -90,11 +95,19 @@ def _parse(scheme: str) -> QuantConfig:
         if not 2 <= int(static["bits"]) <= 8:
             raise LowbitError(f"scheme {scheme!r}: weight bits must be 2..8")
         return StaticW8A8(weight_bits=int(static["bits"]))
+    other = _FORMAT_SCHEME.fullmatch(scheme.strip().lower())
+    if other:
+        if other["km"]:
+            return WeightOnly(format="kmeans", bits=int(other["bits"]), group_size=None)
+        group = int(other["group"]) if other["group"] else None
+        if group is not None and not 1 <= group <= MAX_GROUP:
+            raise LowbitError(f"scheme {scheme!r}: group size must be 1..{MAX_GROUP}")
+        return WeightOnly(format=other["fmt"], group_size=group)
     m = _SCHEME.fullmatch(scheme.strip().lower())
     if not m:
         raise LowbitError(
-            f"unknown scheme {scheme!r}; expected w<bits>[g<group>][e<bits>][-sym|-asym], w8a8 or "
-            "w8a8-static, e.g. w8, w4g128"
+            f"unknown scheme {scheme!r}; expected w<bits>[g<group>][e<bits>][-sym|-asym], w8a8, "
+            "w8a8-static, nf4|fp4|fp8|log2|ternary[g<group>] or kmeans2..kmeans4, e.g. w8, w4g128, nf4g64"
         )
     bits = int(m["bits"])
     group = int(m["group"]) if m["group"] else None
