@@ -28,7 +28,7 @@ import torch
 import lowbit
 from lowbit.autotune import Budget, choose, one_layer_losses, parse_candidates, sensitivity_table, spearman
 from lowbit.autotune.candidates import DEFAULT_CANDIDATES, Candidate
-from lowbit.autotune.sensitivity import lm_loss
+from lowbit.autotune.sensitivity import classifier_logits, lm_logits, lm_loss, one_layer_kl
 from lowbit.data import calib_batches, eval_tokens
 from lowbit.eval.perplexity import perplexity
 
@@ -56,31 +56,33 @@ def _evaluate(model, config, calib, tok, tmp: Path, name: str) -> dict:
     }
 
 
-def sensitivity(model, table, calib, held, probe: Candidate, loss_fn=lm_loss) -> dict:
+def sensitivity(model, table, calib, held, probe: Candidate, loss_fn=lm_loss, logits_fn=lm_logits) -> dict:
     """How well each measure ranks the layers at ``probe``: Spearman of the Fisher-predicted loss, the
-    relative Frobenius error and the output-based measure (the loss increase with only that layer
-    rounded, on the calibration batches ``calib``) against the same one-layer loss increase measured on
-    held-out batches ``held``, the ground truth."""
+    relative Frobenius error and the output-based measures with only that layer rounded, on the
+    calibration batches ``calib`` (the loss increase; the output KL divergence from the float model),
+    against the one-layer loss increase measured on held-out batches ``held``, the ground truth."""
     layers = {n: model.get_submodule(n) for n in table.names}
     t0 = time.perf_counter()
     scale = "float32" if loss_fn is not lm_loss else "float16"
     truth = one_layer_losses(model, held, loss_fn, layers, probe, scale, progress=True)
     output = one_layer_losses(model, calib, loss_fn, layers, probe, scale, progress=True)
+    kl = one_layer_kl(model, calib, layers, probe, scale, logits_fn, progress=True)
     names = list(truth)
     fisher = [table.sensitivity[n][probe.name]["fisher"] for n in names]
     frob = [table.sensitivity[n][probe.name]["frobenius"] for n in names]
-    real, out = [truth[n] for n in names], [output[n] for n in names]
+    real, out, kls = [truth[n] for n in names], [output[n] for n in names], [kl[n] for n in names]
     return {
         "probe": probe.name,
         "calib_batches": len(calib),
         "held_batches": len(held),
         "layers": len(names),
         "spearman_output": round(spearman(out, real), 4),
+        "spearman_output_kl": round(spearman(kls, real), 4),
         "spearman_fisher": round(spearman(fisher, real), 4),
         "spearman_frobenius": round(spearman(frob, real), 4),
         "seconds": round(time.perf_counter() - t0, 1),
         "per_layer": {
-            n: {"held_out": truth[n], "output": output[n], "fisher": f, "frobenius": r}
+            n: {"held_out": truth[n], "output": output[n], "output_kl": kl[n], "fisher": f, "frobenius": r}
             for n, f, r in zip(names, fisher, frob, strict=True)
         },
     }
@@ -124,7 +126,9 @@ def mobilenetv2(args) -> None:
         with torch.no_grad():  # the first two Fisher batches; held out: the four after them
             batches = [(x, model(x).argmax(1)) for x in calib[: args.fisher_batches + 4]]
         cand = Candidate(4, None, True)
-        probe = sensitivity(model, tables["fisher"], batches[:2], batches[-4:], cand, _label_loss)
+        probe = sensitivity(
+            model, tables["fisher"], batches[:2], batches[-4:], cand, _label_loss, classifier_logits
+        )
         record["sensitivity"] = probe
         print({k: v for k, v in probe.items() if k != "per_layer"}, flush=True)
     params = sum(table.params.values())
@@ -266,7 +270,8 @@ def markdown(record: dict) -> str:
             "",
             f"Sensitivity at {s['probe']} ({s['layers']} layers): Spearman rank correlation with the loss "
             f"increase of one layer rounded at a time on {s['held_batches']} held-out windows: output-based "
-            f"(the same on {s['calib_batches']} calibration samples) {s['spearman_output']}, "
+            f"(the same on {s['calib_batches']} calibration samples) {s['spearman_output']}, output KL "
+            f"divergence on those samples {s['spearman_output_kl']}, "
             f"Fisher-predicted {s['spearman_fisher']}, Frobenius {s['spearman_frobenius']}.",
         ]
     return "\n".join(lines) + "\n"

@@ -189,3 +189,18 @@ def test_latency_budget_refuses_static_plans():
                           loss_fn=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]))  # fmt: skip
     with pytest.raises(LowbitError, match="latency budgets plan weight-only Linears"):
         choose(t, Budget(max_latency_us=10.0), lowbit.StaticW8A8())
+
+
+def test_kl_sensitivity_is_non_negative_and_zero_for_an_exact_format(table):
+    model = tiny_llama()
+    kl = sensitivity_table(model, _calib(), CANDS, exclude=["lm_head"], measure="kl")
+    assert kl.costs == table.costs and all(v >= 0.0 for row in kl.losses for v in row)
+    assert sum(r[0] for r in kl.losses) > 100 * sum(r[2] for r in kl.losses)  # w2g16 vs w8
+    layer = kl.names[0]
+    same = lowbit.autotune.one_layer_kl(
+        model, _calib(), {layer: model.get_submodule(layer)}, lowbit.autotune.parse_candidates("w8")[0],
+        scale_dtype="float32",
+    )[layer]  # fmt: skip
+    assert 0.0 <= same < 1e-4
+    plan = choose(kl, Budget(bits=4.5))
+    assert plan.bits_per_weight <= 4.5

@@ -14,8 +14,11 @@ checkpoint's quant_config.json like any config. CLI: ``lowbit autotune`` (``lowb
 
 from lowbit.autotune.candidates import DEFAULT_CANDIDATES, Candidate, parse_candidates
 from lowbit.autotune.sensitivity import (
+    classifier_logits,
     fisher_diagonals,
+    lm_logits,
     lm_loss,
+    one_layer_kl,
     one_layer_losses,
     own_label_loss,
     spearman,
@@ -30,8 +33,11 @@ __all__ = [
     "Plan",
     "Table",
     "choose",
+    "classifier_logits",
     "fisher_diagonals",
+    "lm_logits",
     "lm_loss",
+    "one_layer_kl",
     "one_layer_losses",
     "own_label_loss",
     "parse_candidates",

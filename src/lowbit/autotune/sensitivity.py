@@ -6,6 +6,9 @@
   nats per token for a language-model loss; additive over layers, which the allocation assumes.
 - ``measured``: the loss increase, measured, when only that one layer is quantized (``one_layer_losses``):
   the ground truth the cheap measures are ranked against (Spearman, ``spearman``).
+- ``kl``: the mean per-token (per-sample) KL divergence of the output distribution from the float
+  model's when only that one layer is quantized (``one_layer_kl``): output-based like ``measured``, but
+  never negative and far less noisy on a few samples (no label term that cancels in sign).
 
 ``Q`` is round-to-nearest to the candidate's format; the plan is then quantized by the chosen method
 (AWQ+GPTQ rounds with less error, roughly in proportion across layers).
@@ -24,6 +27,7 @@ from lowbit.autotune.candidates import Candidate
 from lowbit.core.errors import LowbitError, NonFiniteError
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]  # (model, batch) -> scalar loss
+LogitsFn = Callable[[nn.Module, object], torch.Tensor]  # (model, batch) -> logits (..., classes)
 
 
 def lm_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -37,6 +41,16 @@ def own_label_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     its squared gradients estimate the Fisher of the predicted class."""
     logits = model(batch)
     return nn.functional.cross_entropy(logits, logits.detach().argmax(-1))
+
+
+def lm_logits(model: nn.Module, batch) -> torch.Tensor:
+    """Next-token logits ``(b, L, vocab)`` of a Hugging Face causal LM on token ids ``(b, L)``."""
+    return model(input_ids=batch, use_cache=False).logits
+
+
+def classifier_logits(model: nn.Module, batch) -> torch.Tensor:
+    """Logits ``(b, classes)`` of a classifier on ``batch`` (images, or ``(images, labels)``)."""
+    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
 PLANNED_TYPES = (nn.Linear, nn.Conv2d)  # layers a plan gives formats to
@@ -169,13 +183,47 @@ def one_layer_losses(
     """fqn -> measured loss increase over the float model on ``batches`` when only that layer's weight is
     rounded to ``candidate`` (RTN); each weight is restored before the next."""
     base = mean_loss(model, batches, loss_fn)
+    return _one_at_a_time(
+        layers, candidate, scale_dtype, progress, lambda: mean_loss(model, batches, loss_fn) - base
+    )
+
+
+@torch.no_grad()
+def one_layer_kl(
+    model: nn.Module,
+    batches: Sequence,
+    layers: Mapping[str, nn.Module],
+    candidate: Candidate,
+    scale_dtype: str = "float16",
+    logits_fn: LogitsFn = lm_logits,
+    progress: bool = False,
+) -> dict[str, float]:
+    """fqn -> mean over tokens (samples) of ``KL(p_float || p_q)`` in nats on ``batches`` when only that
+    layer's weight is rounded to ``candidate`` (RTN); each weight is restored before the next."""
+    ref = [torch.log_softmax(logits_fn(model, b).float(), -1) for b in batches]
+
+    def kl() -> float:
+        total, count = 0.0, 0
+        for b, lp in zip(batches, ref, strict=True):
+            lq = torch.log_softmax(logits_fn(model, b).float(), -1)
+            total += float((lp.exp() * (lp - lq)).sum(-1).sum())
+            count += lp[..., 0].numel()
+        return total / max(count, 1)
+
+    return _one_at_a_time(layers, candidate, scale_dtype, progress, kl)
+
+
+def _one_at_a_time(
+    layers, candidate, scale_dtype, progress, measure: Callable[[], float]
+) -> dict[str, float]:
+    """fqn -> ``measure()`` with only that layer's weight rounded to ``candidate`` (RTN), restored after."""
     out = {}
     for n, m in tqdm(layers.items(), desc=f"one layer at a time ({candidate.name})", disable=not progress):
         keep = m.weight.detach().clone()
         try:
             w = keep.float().reshape(rows_cols(keep))
             m.weight.copy_(rtn(w, candidate.spec(scale_dtype), n).dequantize(keep.dtype).reshape(keep.shape))
-            out[n] = mean_loss(model, batches, loss_fn) - base
+            out[n] = measure()
         finally:
             m.weight.copy_(keep)
     return out

@@ -3,8 +3,9 @@
 1. Sensitivity, ``measure="fisher"``: the diagonal Fisher of the calibration loss per selected layer
    (``fisher_diagonals``), then every candidate format's predicted loss increase per layer
    (``weight_errors``, "fisher"). ``measure="measured"``: the calibration loss increase measured with
-   only that layer rounded to that candidate (``one_layer_losses``, RTN; negative noise counts as 0):
-   one forward pass over ``calib`` per layer and candidate, for models where that is affordable.
+   only that layer rounded to that candidate (``one_layer_losses``, RTN; negative noise counts as 0);
+   ``measure="kl"``: the output distribution's KL divergence from the float model's in the same setting
+   (``one_layer_kl``). Both take one forward pass over ``calib`` per layer and candidate.
 2. Costs: each candidate's real checkpoint bytes on that layer (``Candidate.nbytes``).
 3. Allocation: the exact least-loss choice under the budget (``lowbit.algorithms.allocate``): a size
    (bytes, or bits per weight over the planned layers, scales and zero points counted), a latency
@@ -29,9 +30,12 @@ from lowbit.algorithms.allocate import Choice, Frontier, frontier
 from lowbit.autotune.candidates import DEFAULT_CANDIDATES, Candidate, parse_candidates
 from lowbit.autotune.latency import candidate_latencies
 from lowbit.autotune.sensitivity import (
+    LogitsFn,
     LossFn,
     fisher_diagonals,
+    lm_logits,
     lm_loss,
+    one_layer_kl,
     one_layer_losses,
     rows_cols,
     weight_errors,
@@ -44,7 +48,7 @@ from lowbit.transforms.quantize import Selector
 Base = WeightOnly | StaticW8A8  # the configs a plan extends
 
 
-MEASURES = ("fisher", "measured")  # sensitivity_table(measure=...)
+MEASURES = ("fisher", "measured", "kl")  # sensitivity_table(measure=...)
 
 
 def scale_dtype(base: Base) -> str:
@@ -195,9 +199,10 @@ def sensitivity_table(
     exclude: Sequence[str] = (),
     progress: bool = False,
     measure: str = "fisher",
+    logits_fn: LogitsFn = lm_logits,
 ) -> Table:
     """Steps 1-2 of the module docstring on ``model`` (left unchanged) with calibration batches ``calib``;
-    ``measure``: "fisher" or "measured" (step 1)."""
+    ``measure``: one of ``MEASURES`` (step 1); ``logits_fn``: the model's logits for ``measure="kl"``."""
     if measure not in MEASURES:
         raise LowbitError(f"unknown sensitivity measure {measure!r}; known: {', '.join(MEASURES)}")
     base = base or WeightOnly()
@@ -207,11 +212,10 @@ def sensitivity_table(
     fisher = fisher_diagonals(model, calib, loss_fn, layers, progress) if measure == "fisher" else None
     errors = weight_errors(layers, cands, fisher, scale_dtype(base))
     del fisher
-    if measure == "measured":
-        for c in cands:
-            fit = {n: m for n, m in layers.items() if c.name in errors[n]}
-            for n, d in one_layer_losses(model, calib, loss_fn, fit, c, scale_dtype(base), progress).items():
-                errors[n][c.name]["measured"] = max(d, 0.0)
+    if measure != "fisher":
+        _measure_outputs(
+            model, calib, layers, cands, errors, measure, scale_dtype(base), loss_fn, logits_fn, progress
+        )
     names = list(layers)
     options = [[c for c in cands if c.name in errors[n]] for n in names]
     costs = [
@@ -222,6 +226,19 @@ def sensitivity_table(
     params = {n: layers[n].weight.numel() for n in names}
     shapes = {n: rows_cols(layers[n].weight) for n in names}
     return Table(names, options, costs, losses, params, errors, left, frontier(costs, losses), shapes)
+
+
+def _measure_outputs(model, calib, layers, cands, errors, measure, sd, loss_fn, logits_fn, progress) -> None:
+    """``errors[n][c][measure]``: the one-layer loss increase ("measured") or KL ("kl") of each layer ``n``
+    at each candidate ``c`` it fits; negative (noise) counts as 0."""
+    for c in cands:
+        fit = {n: m for n, m in layers.items() if c.name in errors[n]}
+        if measure == "kl":
+            vals = one_layer_kl(model, calib, fit, c, sd, logits_fn, progress)
+        else:
+            vals = one_layer_losses(model, calib, loss_fn, fit, c, sd, progress)
+        for n, d in vals.items():
+            errors[n][c.name][measure] = max(d, 0.0)
 
 
 def choose(table: Table, budget: Budget, base: Base | None = None) -> Plan:
@@ -275,11 +292,12 @@ def tune(
     exclude: Sequence[str] = (),
     progress: bool = False,
     measure: str = "fisher",
+    logits_fn: LogitsFn = lm_logits,
 ) -> Plan:
     """Measure, cost and allocate (module docstring): the plan for ``budget``. ``base``: the config the
     plan extends (method, scale dtype; its own bits/group apply to layers not planned)."""
     opts = {"base": base, "loss_fn": loss_fn, "include": include, "exclude": exclude, "progress": progress,
-            "measure": measure}  # fmt: skip
+            "measure": measure, "logits_fn": logits_fn}  # fmt: skip
     with torch.enable_grad():
         table = sensitivity_table(model, calib, candidates, **opts)
     return choose(table, budget, base)

@@ -58,8 +58,8 @@ def plan_record(plan: Plan) -> dict:
     layers = {}
     for n, c in plan.layers.items():
         est = plan.sensitivity[n][c.name]
-        layers[n] = {"format": c.name, "params": plan.params[n],
-                     "predicted_loss": est["measured"] if "measured" in est else est["fisher"],
+        used = next(k for k in ("kl", "measured", "fisher") if k in est)
+        layers[n] = {"format": c.name, "params": plan.params[n], "predicted_loss": est[used],
                      "frobenius": est["frobenius"]}  # fmt: skip
     return {
         "format": PLAN_FORMAT,

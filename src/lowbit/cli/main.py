@@ -142,9 +142,10 @@ def _autotune_args(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--measure",
         default="fisher",
-        choices=["fisher", "measured"],
-        help="layer sensitivity: Fisher-predicted loss (default) or the loss measured with one layer "
-        "rounded at a time (one pass over --calib per layer and candidate)",
+        choices=["fisher", "measured", "kl"],
+        help="layer sensitivity: Fisher-predicted loss (default), or with one layer rounded at a time the "
+        "measured loss increase or the KL divergence from the float model's outputs (one pass over --calib "
+        "per layer and candidate)",
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
