@@ -6,18 +6,22 @@ Decoder Linears only (embedding and tied LM head float), AWQ+GPTQ rounding for e
 (window 512) of each model after it is saved and reloaded (``lowbit.save`` / ``lowbit.load``).
 
 1. Sensitivity at ``--probe`` (w2g64): the loss increase with only one layer rounded (RTN), measured on
-   4 held-out windows (the ground truth), against which three measures are ranked (Spearman): the same
-   measurement on the first ``--probe-samples`` calibration samples (output-based), the Fisher-predicted
-   loss and the relative Frobenius error.
+   4 held-out windows (the ground truth), against which four measures are ranked (Spearman): the same
+   measurement and the output KL divergence on the first ``--probe-samples`` calibration samples
+   (output-based), the Fisher-predicted loss and the relative Frobenius error.
 2. Uniform w3g64 and w4g128 (AWQ+GPTQ), and the mixed plans at their planned-layer bytes.
 3. The Pareto curve: plans at ``--pareto`` bits per weight, each saved, reloaded and evaluated.
 
-Results: benchmarks/results/mixed_precision.{json,md}. Run: .venv/bin/python benchmarks/mixed_precision.py
+``--model mobilenetv2``: static W8A8 layers with 4- or 8-bit weights (``mobilenetv2``).
+
+Results: benchmarks/results/mixed_precision.{json,md} (SmolLM2), mixed_precision_mobilenetv2.json.
+Run: .venv/bin/python benchmarks/mixed_precision.py [--skip-uniform] [--model mobilenetv2]
 """
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -109,7 +113,7 @@ def mobilenetv2(args) -> None:
         labelled = [(x[i : i + 1], y[i : i + 1]) for x, y in labelled for i in range(len(x))]
     base = lowbit.StaticW8A8(weight_observer=args.weight_observer)
     cands = parse_candidates("w4-sym,w8-sym")
-    tables, record = {}, {"command": "python benchmarks/mixed_precision.py --model mobilenetv2"}
+    tables, record = {}, {"command": "python benchmarks/mixed_precision.py " + " ".join(sys.argv[1:])}
     record |= {"calib": "photos:512", "weight_observer": args.weight_observer}
     record["fisher"] = f"{args.fisher_batches} x 32 crops, " + (
         "per crop" if args.fisher_per_sample else "per batch"
@@ -167,7 +171,7 @@ def main() -> None:
     ap.add_argument("--calib", default="64x512", help="calibration samples x tokens")
     ap.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES))
     ap.add_argument("--probe", default="w2g64", help="candidate of the one-layer measurement")
-    ap.add_argument("--probe-samples", type=int, default=1)
+    ap.add_argument("--probe-samples", type=int, default=2, help="calibration samples of the output measures")
     ap.add_argument("--pareto", default="2.5,3.0,6.0,8.1", help="bits per weight of further curve points")
     ap.add_argument("--skip-probe", action="store_true")
     ap.add_argument(
@@ -177,12 +181,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "mobilenetv2"])
     ap.add_argument("--fisher-batches", type=int, default=4, help="mobilenetv2: 32-crop batches for Fisher")
     ap.add_argument("--mobilenet-bits", default="5.5,6.0", help="mobilenetv2: bits-per-weight budgets")
-    ap.add_argument(
-        "--measures", default="fisher,measured", help="mobilenetv2: sensitivity measures (tune.MEASURES)"
-    )
+    ap.add_argument("--measures", default="fisher", help="mobilenetv2: sensitivity measures (tune.MEASURES)")
     ap.add_argument("--weight-observer", default="minmax", help="mobilenetv2: StaticW8A8.weight_observer")
     ap.add_argument(
-        "--fisher-per-sample", action="store_true", help="mobilenetv2: Fisher from one crop per backward pass"
+        "--fisher-per-batch",
+        dest="fisher_per_sample",
+        action="store_false",
+        help="mobilenetv2: Fisher from 32-crop batch gradients (default: one crop per backward pass)",
     )
     args = ap.parse_args()
     args.mobilenet_bits = [float(b) for b in args.mobilenet_bits.split(",")]
@@ -202,7 +207,8 @@ def main() -> None:
         exclude=EXCLUDE,
         progress=True,
     )
-    record = {"command": "python benchmarks/mixed_precision.py", "calib": f"wiki:{args.calib}", "fp32": 21.24}
+    record = {"command": "python benchmarks/mixed_precision.py " + " ".join(sys.argv[1:]), "fp32": 21.24}
+    record["calib"] = f"wiki:{args.calib}"
     record["fisher_samples"] = args.fisher_samples
     record |= {"table_seconds": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()[0]}
     if not args.skip_probe:
