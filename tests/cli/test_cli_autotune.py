@@ -4,6 +4,7 @@ SmolLM2 (slow) it saves a mixed model with its plan that meets the budget and ev
 import json
 
 import pytest
+import torch
 
 import lowbit
 from support import run_cli as _run
@@ -57,6 +58,7 @@ def test_autotune_smollm2_meets_the_budget(capsys, tmp_path, smollm2):
     assert result["chosen"]["bits_per_weight"] <= 5.0 and plan["bits_per_weight"] <= 5.0
     assert set(plan["counts"]) == {"w4g128", "w8"} and len(plan["layers"]) == 210
     model = lowbit.load(out)
+    assert type(model.model.embed_tokens) is torch.nn.Embedding  # excluded from the plan: stays float
     for name, entry in list(plan["layers"].items())[:20]:
         assert model.get_submodule(name).spec.fmt.bits == int(entry["format"][1])
     assert 21.0 < result["chosen"]["perplexity"] < 30.0

@@ -2,11 +2,11 @@
 
 ``run`` loads a model reference, builds the sensitivity table on the calibration text (``tune``), picks
 the plan for the budget, quantizes the float model with it (the base config's method, AWQ+GPTQ by
-default), saves it to ``out`` with ``plan.json`` beside the weights, reloads it and evaluates held-out
-perplexity. With ``pareto=N`` it also saves, reloads and evaluates N plans spread over the frontier
+default; modules that ``include``/``exclude`` leave out stay float, as in planning), saves it to ``out``
+with ``plan.json`` beside the weights, reloads it and evaluates held-out perplexity and decode speed.
+With ``pareto=N`` it also saves, reloads and evaluates N plans spread over the frontier
 (``out/pareto/<bits>``). A loss budget (``max_ppl_increase``) is met in rounds: the predicted
-additive loss is rescaled by the loss increase measured on the calibration text after each round.
-"""
+additive loss is rescaled by the loss increase measured on the calibration text after each round."""
 
 from __future__ import annotations
 
@@ -76,10 +76,11 @@ def plan_record(plan: Plan) -> dict:
 
 
 def _quantize_save_eval(
-    float_model, tok, plan: Plan, calib, out: Path, overwrite: bool, progress: bool
+    float_model, tok, plan: Plan, calib, out: Path, overwrite: bool, progress: bool, select: dict
 ) -> dict:
-    """Quantize a copy of ``float_model`` with ``plan``, save it with its plan.json, reload, evaluate
-    held-out perplexity and greedy decode speed (tokens/s, 64-token prompt, 32 new, median of 3)."""
+    """Quantize a copy of ``float_model`` with ``plan`` (on the modules ``select``'s include/exclude keep),
+    save it with its plan.json, reload, evaluate held-out perplexity and greedy decode speed (tokens/s,
+    64-token prompt, 32 new, median of 3)."""
     from lowbit.data import eval_tokens
     from lowbit.eval.bench import end_to_end
     from lowbit.eval.perplexity import perplexity
@@ -87,7 +88,7 @@ def _quantize_save_eval(
 
     model = copy.deepcopy(float_model)
     t0 = time.perf_counter()
-    quantize_(model, plan.config, calib if plan.config.needs_calib else None, progress=progress)
+    quantize_(model, plan.config, calib if plan.config.needs_calib else None, progress=progress, **select)
     seconds = time.perf_counter() - t0
     save(model, out, tokenizer=tok, overwrite=overwrite)
     atomic_write_text(out / PLAN_FILE, json.dumps(plan_record(plan), indent=1) + "\n")
@@ -102,7 +103,9 @@ def _quantize_save_eval(
             "quantize_seconds": round(seconds, 1), "counts": plan.counts(), "out": str(out)}  # fmt: skip
 
 
-def _loss_budget(model, table: Table, base: WeightOnly, calib, increase: float, rounds: int) -> Plan:
+def _loss_budget(
+    model, table: Table, base: WeightOnly, calib, increase: float, rounds: int, select: dict
+) -> Plan:
     """The plan for a perplexity increase of ``increase`` (0.05 = 5%): the predicted loss is rescaled by
     the calibration loss increase measured after each of ``rounds`` quantizations."""
     target, factor = math.log1p(increase), 1.0
@@ -110,7 +113,7 @@ def _loss_budget(model, table: Table, base: WeightOnly, calib, increase: float, 
     plan = choose(table, Budget(max_loss=target / factor), base)
     for _ in range(rounds):
         trial = copy.deepcopy(model)
-        quantize_(trial, plan.config, calib if plan.config.needs_calib else None)
+        quantize_(trial, plan.config, calib if plan.config.needs_calib else None, **select)
         measured = mean_loss(trial, calib, lm_loss) - base_loss
         factor = max(measured, 1e-9) / max(plan.predicted_loss, 1e-12)
         plan = choose(table, Budget(max_loss=target / factor), base)
@@ -190,12 +193,13 @@ def run(
         progress=progress,
         measure=measure,
     )
+    select = {"include": include, "exclude": exclude}  # layers the plan leaves out stay float
     if budget is None:
-        plan = _loss_budget(model, table, config, batches, float(max_ppl_increase), rounds)
+        plan = _loss_budget(model, table, config, batches, float(max_ppl_increase), rounds, select)
     else:
         plan = choose(table, budget, config)
     plan_seconds = time.perf_counter() - t0
-    chosen = _quantize_save_eval(model, tok, plan, batches, out, overwrite, progress)
+    chosen = _quantize_save_eval(model, tok, plan, batches, out, overwrite, progress, select)
     rows = []
     for c in table.frontier.pareto(pareto) if pareto else []:
         p = table.plan(c, config)
@@ -208,6 +212,7 @@ def run(
                 out.parent / f"{out.name}-pareto-{p.bits_per_weight:.2f}bpw",
                 True,
                 progress,
+                select,
             )
         )
     return {"model": ref, "out": str(out), "plan_seconds": round(plan_seconds, 1), "chosen": chosen,
