@@ -298,7 +298,7 @@ def _mse_qparams(x: Tensor, spec: QuantSpec, col_w: Tensor | None = None) -> tup
         if fmt.kind == "int":
             dq = torch.mul(flat, s.reciprocal()).round_().add_(z).clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)
         else:
-            dq = snap(torch.mul(flat, s.reciprocal()), fmt).mul_(s)
+            dq = snap(torch.mul(flat, s.reciprocal()), fmt, grid(fmt, flat.device)).mul_(s)
         err = dq.sub_(flat).square_().mul_(wflat).sum(-1).view(lo.shape)
         if best is None:
             best, b_scale, b_zp = err, scale, zp
@@ -342,6 +342,7 @@ def _sweep(
     """
     fmt = spec.fmt
     qmin, qmax = fmt.qmin, fmt.qmax
+    levels = None if fmt.kind == "int" else grid(fmt, wt.device, table)  # built once, not per column
     codes = torch.empty_like(wt)
     for i1, i2 in zip(bounds[:-1], bounds[1:], strict=False):
         if refit is not None:
@@ -354,7 +355,7 @@ def _sweep(
         rows = zip(w1, codes[i1:i2], err, s1, off, strict=True)
         for i, (w, c, e, s, o) in enumerate(rows):
             if fmt.kind != "int":  # scale-only formats: the level nearest w / s, code = its index
-                torch.addcmul(o, snap(torch.div(w, s, out=c), fmt, c, table), s, out=e)
+                torch.addcmul(o, snap(torch.div(w, s, out=c), fmt, levels, c), s, out=e)
                 w1[i + 1 :].addmm_(m1[i, i1 + i + 1 : i2, None], e[None], alpha=-1.0)
                 continue
             torch.div(w, s, out=c).round_()  # ``quantize``'s arithmetic
@@ -367,24 +368,34 @@ def _sweep(
     return codes
 
 
-def snap(v: Tensor, fmt: Format, codes: Tensor | None = None, table: Tensor | None = None) -> Tensor:
-    """Values (before scaling) of a scale-only format nearest ``v = w / scale``, as ``quantize`` rounds:
-    the nearest level of a codebook, or of each element's row of ``table`` (``(len(v), K)``, a table
-    format), the float format's rounding of ``v`` clamped to its range. With ``codes`` (``v``'s shape,
-    float), the codes are written there: level indices, or the values."""
+def grid(fmt: Format, device: torch.device, table: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """(ascending levels, midpoints between them) that ``snap`` rounds to: a codebook's levels ``(K,)``,
+    a table format's ``table`` ``(out, K)`` (one row per output); None for float formats."""
     if fmt.kind == "table":
-        from lowbit.algorithms.kmeans import nearest
+        return table, ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
+    if fmt.kind == "codebook":
+        levels = torch.tensor(fmt.levels, dtype=torch.float32, device=device)
+        return levels, (levels[1:] + levels[:-1]) / 2
+    return None
 
-        idx = nearest(v[:, None], table)
+
+def snap(v: Tensor, fmt: Format, levels: tuple[Tensor, Tensor] | None, codes: Tensor | None = None) -> Tensor:
+    """Values (before scaling) of a scale-only format nearest ``v = w / scale``, as ``quantize`` rounds:
+    the nearest of the ``levels`` (``grid``: a codebook's, or for a table format each element's row of
+    the table, ``v`` then ``(out,)``), or the float format's rounding of ``v`` clamped to its range.
+    With ``codes`` (``v``'s shape, float), the codes are written there: level indices, or the values."""
+    if fmt.kind == "table":
+        table, mids = levels
+        idx = torch.searchsorted(mids, v[:, None].contiguous())
         if codes is not None:
             codes.copy_(idx[:, 0])
         return table.gather(1, idx)[:, 0]
     if fmt.kind == "codebook":
-        levels = torch.tensor(fmt.levels, dtype=v.dtype, device=v.device)
-        idx = torch.bucketize(v.contiguous(), (levels[1:] + levels[:-1]) / 2)
+        values, mids = levels
+        idx = torch.bucketize(v.contiguous(), mids)
         if codes is not None:
             codes.copy_(idx)
-        return levels[idx]
+        return values[idx]
     out = v.clamp(-fmt.float_max, fmt.float_max).to(fmt.torch_dtype).float()
     if codes is not None:
         codes.copy_(out)
