@@ -14,8 +14,10 @@ Decoder Linears only (embedding and tied LM head float), AWQ+GPTQ rounding for e
 
 ``--model mobilenetv2``: static W8A8 layers with 4- or 8-bit weights (``mobilenetv2``).
 
-Results: benchmarks/results/mixed_precision.{json,md} (SmolLM2), mixed_precision_mobilenetv2.json.
-Run: .venv/bin/python benchmarks/mixed_precision.py [--skip-uniform] [--model mobilenetv2]
+Results: benchmarks/results/mixed_precision.{json,md} (SmolLM2 rows), mixed_precision_sensitivity.json
+(SmolLM2 step 1), mixed_precision_mobilenetv2.json.
+Run: .venv/bin/python benchmarks/mixed_precision.py [--skip-uniform] [--skip-probe | --skip-plans]
+[--model mobilenetv2]
 """
 
 import argparse
@@ -122,7 +124,14 @@ def mobilenetv2(args) -> None:
     for measure in args.measures.split(","):
         t0 = time.perf_counter()
         tables[measure] = sensitivity_table(
-            model, labelled, cands, base=base, loss_fn=_label_loss, progress=True, measure=measure
+            model,
+            labelled,
+            cands,
+            base=base,
+            loss_fn=_label_loss,
+            progress=True,
+            measure=measure,
+            logits_fn=classifier_logits,
         )
         record[f"table_seconds_{measure}"] = round(time.perf_counter() - t0, 1)
     table = next(iter(tables.values()))
@@ -166,14 +175,17 @@ def mobilenetv2(args) -> None:
     (RESULTS / "mixed_precision_mobilenetv2.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", default="64x512", help="calibration samples x tokens")
     ap.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES))
     ap.add_argument("--probe", default="w2g64", help="candidate of the one-layer measurement")
     ap.add_argument("--probe-samples", type=int, default=2, help="calibration samples of the output measures")
     ap.add_argument("--pareto", default="2.5,3.0,6.0,8.1", help="bits per weight of further curve points")
-    ap.add_argument("--skip-probe", action="store_true")
+    ap.add_argument("--skip-probe", action="store_true", help="no sensitivity step")
+    ap.add_argument(
+        "--skip-plans", action="store_true", help="the sensitivity step only (SmolLM2: no uniform/mixed rows)"
+    )
     ap.add_argument(
         "--skip-uniform", action="store_true", help="no uniform rows (measured by an earlier run)"
     )
@@ -191,6 +203,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     args.mobilenet_bits = [float(b) for b in args.mobilenet_bits.split(",")]
+    return args
+
+
+def main() -> None:
+    args = _parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.model == "mobilenetv2":
         return mobilenetv2(args)
@@ -211,16 +228,27 @@ def main() -> None:
     record["calib"] = f"wiki:{args.calib}"
     record["fisher_samples"] = args.fisher_samples
     record |= {"table_seconds": round(time.perf_counter() - t0, 1), "load_before": os.getloadavg()[0]}
+    RESULTS.mkdir(exist_ok=True)
     if not args.skip_probe:
         ev = eval_tokens(tok, 8192)  # one window from each of 4 held-out articles
         held = [ev[i : i + length][None] for i in range(0, 4 * 2048, 2048)]
         probe = parse_candidates(args.probe)[0]
-        record["sensitivity"] = sensitivity(model, table, calib[: args.probe_samples], held, probe, lm_loss)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "mixed_precision.json").write_text(
-            json.dumps(record, indent=1) + "\n"
-        )  # kept if later rows fail
-        print({k: v for k, v in record["sensitivity"].items() if k != "per_layer"}, flush=True)
+        found = sensitivity(model, table, calib[: args.probe_samples], held, probe, lm_loss)
+        print({k: v for k, v in found.items() if k != "per_layer"}, flush=True)
+        keep = {k: record[k] for k in ("command", "calib", "fisher_samples", "load_before")}
+        found = keep | found | {"finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (RESULTS / "mixed_precision_sensitivity.json").write_text(json.dumps(found, indent=1) + "\n")
+    if args.skip_plans:
+        return
+    record |= {"rows": _smollm2_rows(model, tok, calib, table, base, args)}
+    record |= {"load_after": os.getloadavg()[0], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (RESULTS / "mixed_precision.json").write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / "mixed_precision.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+def _smollm2_rows(model, tok, calib, table, base, args) -> list[dict]:
+    """Uniform w3g64 / w4g128, the mixed plans at their planned-layer bytes, and the Pareto points."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -242,11 +270,7 @@ def main() -> None:
             row = {"name": f"pareto {b}", "budget_bits": b, **_plan_facts(plan)}
             rows.append(row | _evaluate(model, plan.config, calib, tok, tmp, f"p{b}"))
             print(rows[-1], flush=True)
-    record |= {"rows": rows, "load_after": os.getloadavg()[0], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mixed_precision.json").write_text(json.dumps(record, indent=1) + "\n")
-    (RESULTS / "mixed_precision.md").write_text(markdown(record))
-    print(markdown(record))
+    return rows
 
 
 def _plan_facts(plan) -> dict:
@@ -270,7 +294,8 @@ def markdown(record: dict) -> str:
         counts = ", ".join(f"{k} x{v}" for k, v in r.get("counts", {}).items())
         cells = [r["name"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.2f}", f"{r['file_mb']:.1f}"]
         lines.append("| " + " | ".join([*cells, f"{r['quantize_seconds']:.0f}", counts]) + " |")
-    s = record.get("sensitivity")
+    path = RESULTS / "mixed_precision_sensitivity.json"
+    s = json.loads(path.read_text()) if path.exists() else None
     if s:
         lines += [
             "",
@@ -278,7 +303,8 @@ def markdown(record: dict) -> str:
             f"increase of one layer rounded at a time on {s['held_batches']} held-out windows: output-based "
             f"(the same on {s['calib_batches']} calibration samples) {s['spearman_output']}, output KL "
             f"divergence on those samples {s['spearman_output_kl']}, "
-            f"Fisher-predicted {s['spearman_fisher']}, Frobenius {s['spearman_frobenius']}.",
+            f"Fisher-predicted {s['spearman_fisher']}, Frobenius {s['spearman_frobenius']} "
+            f"(`{s['command']}`, {s['finished']}: `mixed_precision_sensitivity.json`).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -10,8 +10,8 @@
   model's when only that one layer is quantized (``one_layer_kl``): output-based like ``measured``, but
   never negative and far less noisy on a few samples (no label term that cancels in sign).
 
-``Q`` is round-to-nearest to the candidate's format; the plan is then quantized by the chosen method
-(AWQ+GPTQ rounds with less error, roughly in proportion across layers).
+``Q`` is round-to-nearest to the candidate's format, whichever method then quantizes the plan (GPTQ and
+AWQ lower the error by a factor that differs from layer to layer; the measures do not model it).
 """
 
 from __future__ import annotations
