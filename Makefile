@@ -14,7 +14,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
 .PHONY: venv fashion-mnist qwen bench-venv demo test test-fast lint format bench bench-quality bench-speed \
-	bench-static bench-gptq bench-dist bench-qat bench-mixed clean
+	bench-static bench-gptq bench-dist bench-qat bench-mixed bench-energy clean
 
 venv: $(STAMP)
 
@@ -92,6 +92,10 @@ bench-mixed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/mixed_precision.py
 	$(PY) benchmarks/mixed_precision.py --model mobilenetv2
 	$(BENCH_PY) benchmarks/mixed_nncf.py
+
+# Per-class audits of the bundled CNNs (static W8A8/W4A8 vs fp32) and energy estimates per inference (~5 min).
+bench-energy: $(STAMP)
+	$(PY) benchmarks/energy_audit.py
 
 bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py

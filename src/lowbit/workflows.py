@@ -196,6 +196,7 @@ def _quantize_distributed(args: dict, progress: bool) -> dict:
         result |= {"ranks": comm.world, "rank": comm.rank}
         result["peak_rss_kib"] = comm.counts(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         result["collective_bytes"] = comm.counts(sum(comm.volume().values()))  # sent + received
+        dist.barrier()  # no rank tears down its connections while another finishes the last collective
     finally:
         dist.destroy_process_group()
     return result

@@ -69,3 +69,19 @@ def test_smollm2_fp32_checkpoint_bytes(smollm2):
     if cached.is_file():
         assert n == dir_bytes(cached)
     assert 530e6 < n < 545e6  # 134.5 M parameters (embedding tied), 4 bytes each
+
+
+def test_size_components_split_a_quantized_model_and_sum_to_its_bytes():
+    import lowbit
+    from lowbit.eval.size import size_components
+
+    model = _tiny_llama()
+    empty = dict.fromkeys(["codes", "scales", "zero_points", "tables", "activation_qparams"], 0)
+    assert size_components(model) == empty | {"float": tensor_bytes(model.state_dict())}
+    lowbit.quantize_(model, lowbit.WeightOnly(bits=4, group_size=16))
+    parts = size_components(model)
+    assert parts["codes"] > 0 and parts["scales"] > 0 and parts["zero_points"] > 0 and parts["tables"] == 0
+    assert sum(parts.values()) == tensor_bytes(model.state_dict())
+    # 4-bit codes: half a byte per weight of every QLinear; the embedding shares the tied head's codes
+    weights = sum(m.rows * m.cols for m in model.modules() if isinstance(m, lowbit.nn.QLinear))
+    assert parts["codes"] == weights // 2

@@ -72,3 +72,30 @@ def fp32_checkpoint_bytes(model: nn.Module) -> int:
         path = Path(tmp) / "model.safetensors"
         save_file(fp32_state_dict(model), str(path), metadata={"format": "pt"})
         return path.stat().st_size
+
+
+_COMPONENT = {  # buffer name of a quantized module -> component
+    "qweight": "codes",
+    "scale": "scales",
+    "zero_point": "zero_points",
+    "levels": "tables",
+    "input_scale": "activation_qparams",
+    "input_zero_point": "activation_qparams",
+    "output_scale": "activation_qparams",
+    "output_zero_point": "activation_qparams",
+}
+
+
+def size_components(model: nn.Module) -> dict[str, int]:
+    """In-memory bytes of the model's persistent tensors by component: ``codes`` (bit-packed weight
+    codes), ``scales``, ``zero_points``, ``tables`` (codebook levels), ``activation_qparams`` (static
+    layers' input/output scales and zero points) and ``float`` (everything else: unquantized layers,
+    norms, biases, outlier columns). Shared memory (tied weights) counts once; sums to ``tensor_bytes``."""
+    from lowbit.nn.modules import QuantizedModule
+
+    out = dict.fromkeys(["codes", "scales", "zero_points", "tables", "activation_qparams", "float"], 0)
+    for full, t in unique_tensors(model.state_dict(keep_vars=True)).items():
+        owner, _, name = full.rpartition(".")
+        quantized = isinstance(model.get_submodule(owner), QuantizedModule)
+        out[_COMPONENT.get(name, "float") if quantized else "float"] += t.nbytes
+    return out
