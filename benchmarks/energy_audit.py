@@ -4,7 +4,10 @@
    W4A8 (512 training images to calibrate) against fp32, test accuracy per class on the 10,000 test
    images with 95% bootstrap intervals; classes that lose significantly more than the rest are flagged
    (permutation test, Holm-adjusted, alpha 0.05).
-2. Energy per inference (45 nm reference energies, module docstring of ``lowbit.eval.energy``): the CNNs
+2. Per-article audit: SmolLM2-135M, RTN w4g128 and w3g64 against fp32, perplexity per held-out Wikipedia
+   article (each article's first 2,048 tokens in 512-token windows; score: minus the mean NLL per token
+   of a window), with 95% bootstrap intervals; articles that lose significantly more are flagged.
+3. Energy per inference (45 nm reference energies, module docstring of ``lowbit.eval.energy``): the CNNs
    per image, MobileNetV2 per 224x224 image (fp32, static W8A8), SmolLM2-135M per decoded token (one
    token in, batch 1: fp32, w8, w4g128, w8a8 dynamic; decoder Linears and LM head).
 
@@ -20,9 +23,10 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.data import calib_batches, vision
+from lowbit.data import calib_batches, eval_articles, eval_windows, vision
 from lowbit.eval.audit import audit
 from lowbit.eval.energy import count_operations
+from lowbit.eval.perplexity import perplexity_interval, window_nlls
 from lowbit.workflows import calibration_batches
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,6 +70,45 @@ def cnn_audit(name: str, dataset: str) -> dict:
     return out
 
 
+def smollm2_audit() -> dict:
+    model, tok = lowbit.models.load("smollm2-135m", progress=False)
+    windows, article = eval_windows(tok, 512, 2048)
+    subjects = [a.split(" is ", 1)[0].split(" was ", 1)[0][:30] for a in eval_articles()]
+    titles = [" ".join(t.split()) for t in subjects]  # one line each
+    groups = [f"{int(i)}: {titles[i]}" for i in article]
+    ref = window_nlls(model, windows)
+    out = {"windows": len(windows), "articles": len(set(groups))}
+    out["fp32"] = _ppl(ref)
+    for scheme in ("w4g128", "w3g64"):
+        q = copy.deepcopy(model)
+        lowbit.quantize_(q, lowbit.parse_scheme(scheme), exclude=["lm_head", "model.embed_tokens"])
+        nll = window_nlls(q, windows)
+        del q
+        result = audit(-ref / 511, -nll / 511, groups)  # higher better: minus NLL per token
+        out[scheme] = _ppl(nll) | {
+            "flagged": result.flagged,
+            "articles": [
+                {
+                    "article": g.group,
+                    "windows": g.n,
+                    "nll_increase": round(g.degradation, 4),
+                    "ci": [round(v, 4) for v in g.degradation_ci],
+                    "p": round(g.p_value, 4),
+                }
+                for g in result.groups
+            ],  # fmt: skip
+            "mean_nll_increase": round(result.overall.degradation, 4),
+        }
+        print("smollm2", scheme, out[scheme]["perplexity"], result.flagged, flush=True)
+    return out
+
+
+def _ppl(nlls) -> dict:
+    lo, hi = perplexity_interval(nlls, 512)
+    ppl = float(torch.exp(nlls.sum() / (len(nlls) * 511)))
+    return {"perplexity": round(ppl, 2), "ci": [round(lo, 2), round(hi, 2)]}
+
+
 def mobilenet_energy() -> dict:
     model, _ = lowbit.models.load("mobilenetv2", progress=False)
     model.eval()
@@ -97,12 +140,18 @@ def markdown(record: dict) -> str:
         f"`{record['command']}` ({record['finished']}).",
         "",
     ]
-    lines += ["## Per-class audit (test accuracy %, static PTQ vs fp32)", ""]
+    lines += (
+        _classes_md(record["audit"]) + _articles_md(record["smollm2_articles"]) + _energy_md(record["energy"])
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _classes_md(audits: dict) -> list[str]:
+    lines = ["## Per-class audit (test accuracy %, static PTQ vs fp32)", ""]
     note = "Flagged: classes that lose significantly more than the others (permutation test, Holm-adjusted "
     note += "p < 0.05), with their drop in points and its 95% bootstrap interval."
-    lines += [note, ""]
-    lines += ["| model | fp32 | W8A8 | flagged | W4A8 | flagged |", "|---|---:|---:|---|---:|---|"]
-    for name, r in record["audit"].items():
+    lines += [note, "", "| model | fp32 | W8A8 | flagged | W4A8 | flagged |", "|---|---:|---:|---|---:|---|"]
+    for name, r in audits.items():
         cells = [name, r["fp32"]["accuracy"]]
         for scheme in ("w8a8", "w4a8"):
             flagged = [c for c in r[scheme]["classes"] if c["class"] in r[scheme]["flagged"]]
@@ -112,16 +161,42 @@ def markdown(record: dict) -> str:
             )
             cells += [r[scheme]["accuracy"], text or "none"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += ["", "## Energy per inference, estimated (Horowitz ISSCC 2014, 45 nm)", ""]
+    return lines
+
+
+def _articles_md(a: dict) -> list[str]:
+    lines = [
+        "",
+        f"## SmolLM2-135M per held-out article ({a['articles']} articles, {a['windows']} windows of 512)",
+    ]
+    lines += [
+        "",
+        "| model | perplexity [95% CI] | mean NLL increase | flagged articles (NLL increase per token) |",
+    ]
+    lines += ["|---|---|---:|---|"]
+    lines.append(f"| fp32 | {a['fp32']['perplexity']} [{a['fp32']['ci'][0]}, {a['fp32']['ci'][1]}] | | |")
+    for scheme in ("w4g128", "w3g64"):
+        r = a[scheme]
+        flagged = [
+            f"{x['article']} (+{x['nll_increase']}, p {x['p']})"
+            for x in r["articles"]
+            if x["article"] in r["flagged"]
+        ]
+        ppl = f"{r['perplexity']} [{r['ci'][0]}, {r['ci'][1]}]"
+        lines.append(f"| RTN {scheme} | {ppl} | {r['mean_nll_increase']} | {'; '.join(flagged) or 'none'} |")
+    return lines
+
+
+def _energy_md(energy: dict) -> list[str]:
+    lines = ["", "## Energy per inference, estimated (Horowitz ISSCC 2014, 45 nm)", ""]
     lines += ["| model | scheme | MACs | compute uJ | weights uJ | activations uJ | total uJ |"]
     lines += ["|---|---|---|---:|---:|---:|---:|"]
-    rows = [(n, s, e) for n, r in record["energy"].items() for s, e in r.items()]
+    rows = [(n, s, e) for n, r in energy.items() for s, e in r.items()]
     for name, scheme, e in rows:
         macs = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in e["macs_per_inference"].items())
         uj = [e[k] for k in ("compute_uj", "weights_uj", "activations_uj", "total_uj")]
         lines.append(f"| {name} | {scheme} | {macs} | " + " | ".join(f"{v:.2f}" for v in uj) + " |")
-    lines += ["", "Assumptions: " + rows[0][2]["assumptions"] + "."]
-    return "\n".join(lines) + "\n"
+    return lines + ["", "Assumptions: " + rows[0][2]["assumptions"] + "."]
 
 
 def main() -> None:
@@ -130,6 +205,7 @@ def main() -> None:
     record["audit"] = {
         n: cnn_audit(n, d) for n, d in (("fashion-mnist-cnn", "fashion-mnist"), ("mnist-cnn", "mnist"))
     }
+    record["smollm2_articles"] = smollm2_audit()
     record["energy"] = {
         n: {s: r[s]["energy"] for s in ("fp32", "w8a8", "w4a8")} for n, r in record["audit"].items()
     }

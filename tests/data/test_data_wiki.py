@@ -101,3 +101,19 @@ def test_real_tokenizer(smollm2):
     batches = calib_batches(tok, n_samples=128, seq_len=512)
     assert len(batches) == 128 and all(b.shape == (1, 512) for b in batches)
     assert tok.decode(t[:3]).startswith("Anarchism")
+
+
+def test_eval_windows_one_article_per_window():
+    from lowbit.data import eval_windows
+
+    tok = WordTokenizer()
+    windows, article = eval_windows(tok, window=100, per_article=250)
+    per = [a.split()[:250] for a in eval_articles()]
+    assert windows.shape == (len(article), 100) and windows.dtype == torch.long
+    assert article.tolist() == [i for i, ws in enumerate(per) for _ in range(len(ws) // 100)]
+    first = article.tolist().index(3)  # each window is the article's own tokens, tails dropped
+    assert windows[first].tolist() == [zlib.crc32(w.encode()) % 50000 for w in per[3][:100]]
+    with pytest.raises(LowbitError, match="no held-out article has 10000000 tokens"):
+        eval_windows(tok, window=10_000_000, per_article=10_000_000)
+    with pytest.raises(LowbitError, match="window must be a positive integer"):
+        eval_windows(tok, window=0)

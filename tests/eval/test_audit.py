@@ -76,6 +76,7 @@ def test_bad_input(args, match):
         audit(*args)
 
 
+@pytest.mark.slow
 def test_mnist_per_class_audit_flags_the_corrupted_class():
     """A real classifier (logistic regression on MNIST) quantized to w8 per channel, audited per class
     against the float model: nothing flagged on clean inputs; with the inputs of one class corrupted

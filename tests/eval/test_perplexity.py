@@ -87,3 +87,20 @@ def test_smollm2_fp32_perplexity(smollm2):
     seconds = time.perf_counter() - t0
     print(f"\nSmolLM2-135M fp32 perplexity on 8192 eval tokens (window 512): {ppl:.3f} in {seconds:.1f} s")
     assert math.isfinite(ppl) and 5 < ppl < 60
+
+
+def test_window_nlls_sum_to_the_perplexity_and_interval_brackets_it(model, tokens):
+    from lowbit.eval.perplexity import perplexity_interval, window_nlls
+
+    windows = tokens[:250].view(5, 50)
+    nlls = window_nlls(model, windows, batch_size=2)
+    assert nlls.shape == (5,) and nlls.dtype == torch.float64
+    ppl = perplexity(model, tokens[:250], window=50)
+    assert math.exp(nlls.sum().item() / (5 * 49)) == pytest.approx(ppl, rel=1e-12)
+    lo, hi = perplexity_interval(nlls, 50, bootstrap=500)
+    assert lo <= ppl <= hi and lo < hi
+    assert perplexity_interval(nlls, 50, bootstrap=500) == (lo, hi)  # seeded
+    same = torch.full((4,), 49 * math.log(30.0), dtype=torch.float64)
+    assert perplexity_interval(same, 50) == pytest.approx((30.0, 30.0))
+    with pytest.raises(LowbitError, match="non-empty 1-D"):
+        perplexity_interval(torch.zeros(0), 50)

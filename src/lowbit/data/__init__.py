@@ -3,7 +3,7 @@ calibration part (``lowbit.data.wiki`` documents the rule). Nothing is read unti
 """
 
 from lowbit.data.text_pairs import sentences, simlex999, wordsim353
-from lowbit.data.tokens import calib_batches, eval_tokens
+from lowbit.data.tokens import calib_batches, eval_tokens, eval_windows
 from lowbit.data.vision import fashion_mnist, mnist, photo_crops
 from lowbit.data.wiki import EVAL_EVERY, calib_articles, eval_articles, wiki_articles
 
@@ -13,6 +13,7 @@ __all__ = [
     "calib_batches",
     "eval_articles",
     "eval_tokens",
+    "eval_windows",
     "fashion_mnist",
     "mnist",
     "photo_crops",

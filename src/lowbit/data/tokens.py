@@ -54,6 +54,27 @@ def eval_tokens(tokenizer: Any, n_tokens: int = 8192, per_article: int = PER_ART
     return torch.cat(parts)[:n_tokens].clone()
 
 
+def eval_windows(
+    tokenizer: Any, window: int = 512, per_article: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every held-out article's opening ``per_article`` tokens cut into full windows (each article's ragged
+    tail dropped): LongTensor ``(n, window)`` and each window's article, LongTensor ``(n,)`` (its index in
+    ``eval_articles()``). For per-article scores (``lowbit.eval.audit``); articles shorter than one window
+    give none."""
+    _check_positive("window", window)
+    _check_positive("per_article", per_article)
+    rows, owner = [], []
+    for i, article in enumerate(eval_articles()):
+        part = tokenize(tokenizer, [article])[:per_article]
+        n = part.numel() // window
+        if n:
+            rows.append(part[: n * window].view(n, window))
+            owner += [i] * n
+    if not rows:
+        raise LowbitError(f"no held-out article has {window} tokens with this tokenizer")
+    return torch.cat(rows), torch.tensor(owner, dtype=torch.long)
+
+
 def calib_batches(
     tokenizer: Any, n_samples: int = 128, seq_len: int = 512, seed: int = 0
 ) -> list[torch.Tensor]:

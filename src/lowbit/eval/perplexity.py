@@ -45,6 +45,32 @@ def _windows(tokens: torch.Tensor, window: int) -> torch.Tensor:
     return tokens[: n * window].long().view(n, window)
 
 
+def window_nlls(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False
+) -> torch.Tensor:
+    """Float64 ``(n,)``: the summed next-token NLL (nats) of each row of LongTensor ``windows`` ``(n, w)``,
+    ``batch_size`` rows per forward pass, each row scored on its own (``window_nll``). The model runs in
+    eval mode under ``torch.inference_mode()``; its mode is restored."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LowbitError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = _device(model)
+    batches = windows.split(batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="perplexity", unit="batch")
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                out.append(window_nll(model, batch.to(device)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 def perplexity(
     model: nn.Module, tokens: torch.Tensor, window: int = 512, batch_size: int = 4, progress: bool = False
 ) -> float:
@@ -57,21 +83,22 @@ def perplexity(
     causal LM. The model runs in eval mode under ``torch.inference_mode()``; its mode is restored.
     """
     windows = _windows(tokens, window)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LowbitError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device = _device(model)
-    batches = windows.split(batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    nlls = window_nlls(model, windows, batch_size, progress)
+    return math.exp(nlls.sum().item() / (windows.shape[0] * (window - 1)))
 
-        batches = tqdm(batches, desc="perplexity", unit="batch")
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                total += window_nll(model, batch.to(device)).sum().cpu()
-    finally:
-        model.train(was_training)
-    return math.exp(total.item() / (windows.shape[0] * (window - 1)))
+
+def perplexity_interval(
+    nlls: torch.Tensor, window: int, bootstrap: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """``level`` bootstrap interval of the perplexity whose per-window NLL sums are ``nlls`` ``(n,)``
+    (``window_nlls``; ``window - 1`` predicted tokens each): windows resampled with replacement."""
+    if nlls.ndim != 1 or len(nlls) == 0:
+        raise LowbitError(
+            f"nlls must be a non-empty 1-D tensor of per-window NLL sums, got {tuple(nlls.shape)}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(nlls), (bootstrap, len(nlls)), generator=gen)
+    ppl = torch.exp(nlls.double()[idx].mean(1) / (window - 1))
+    tail = (1.0 - level) / 2
+    lo, hi = torch.quantile(ppl, torch.tensor([tail, 1.0 - tail], dtype=ppl.dtype)).tolist()
+    return (lo, hi)
