@@ -20,11 +20,9 @@ from lowbit.core.codec import stored_bytes
 from lowbit.core.errors import LowbitError
 from lowbit.core.formats import get_format
 from lowbit.core.spec import QuantSpec, qparam_shape
-from lowbit.transforms.configs import WEIGHT_FORMATS, weight_spec
+from lowbit.transforms.configs import FORMAT_NAME, WEIGHT_FORMATS, weight_spec
 
 _NAME = re.compile(r"w([2-8])(?:g(\d+))?(-sym|-asym)?")
-_SCALE_ONLY = re.compile(r"(nf4|fp4|fp8|log2|ternary)(?:g(\d+))?")
-_KMEANS = re.compile(r"kmeans([2-4])")
 DEFAULT_CANDIDATES = ("w2g64", "w3g128", "w3g64", "w4g128", "w4g64", "w5g128", "w6g128", "w8")
 
 
@@ -79,10 +77,10 @@ def parse_candidate(name: str) -> Candidate:
     """``Candidate`` from ``w<bits>[g<group>][-sym|-asym]``, ``<format>[g<group>]`` (nf4, fp4, fp8, log2,
     ternary) or ``kmeans<bits>``; ``LowbitError`` naming the bad text."""
     text = name.strip()
-    if km := _KMEANS.fullmatch(text):
-        return Candidate(int(km.group(1)), None, True, "kmeans")
-    m, other = _NAME.fullmatch(text), _SCALE_ONLY.fullmatch(text)
-    group_text = (m or other).group(2) if (m or other) else None
+    m, other = _NAME.fullmatch(text), FORMAT_NAME.fullmatch(text)
+    if other and other["km"]:
+        return Candidate(int(other["bits"]), None, True, "kmeans")
+    group_text = (m.group(2) if m else other["group"]) if (m or other) else None
     if not (m or other) or (group_text is not None and int(group_text) < 1):
         raise LowbitError(
             f"bad candidate {name!r}: write w<bits>[g<group>][-sym] with bits 2..8 (w3g64, w4g128, w8), or "
@@ -90,7 +88,7 @@ def parse_candidate(name: str) -> Candidate:
         )
     group = int(group_text) if group_text else None
     if other:
-        fmt = other.group(1)
+        fmt = other["fmt"]
         return Candidate(get_format(WEIGHT_FORMATS[fmt]).bits, group, True, fmt)
     return Candidate(int(m.group(1)), group, m.group(3) == "-sym")
 

@@ -6,6 +6,7 @@ unknown fields and newer versions are refused with a clear error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
@@ -63,6 +64,11 @@ def config_from_dict(d: dict) -> QuantConfig:
 # ``WeightOnly.format`` -> core format (None: int{bits} / uint{bits} from ``bits`` and ``symmetric``)
 WEIGHT_FORMATS = {"int": None, "nf4": "nf4", "fp4": "fp4_e2m1", "fp8": "fp8_e4m3", "log2": "log2",
                   "ternary": "ternary", "binary": "binary", "kmeans": None}  # fmt: skip
+# Weight formats named by themselves in scheme and candidate strings: a fixed grid under a scale, with an
+# optional group size (nf4g64), or a fitted table of 2**bits levels (kmeans3).
+FORMAT_NAME = re.compile(
+    r"(?P<fmt>nf4|fp4|fp8|log2|ternary)(?:g(?P<group>\d+))?|(?P<km>kmeans)(?P<bits>[2-4])"
+)
 TABLE_METHODS = ("rtn", "gptq", "awq+gptq")  # fit format "kmeans" (awq's clipping search needs a range)
 INT_ONLY_METHODS = ("hqq", "qat")  # fit integer zero points / train integer grids
 

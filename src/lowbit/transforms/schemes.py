@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lowbit.core.errors import LowbitError
 from lowbit.transforms.configs import (
+    FORMAT_NAME,
     WEIGHT_METHODS,
     Int8Dynamic,
     QuantConfig,
@@ -45,9 +46,6 @@ MAX_GROUP = 1 << 20
 STATIC_ROUNDINGS = ("adaround", "brecq")
 _STATIC = re.compile(r"w(?P<bits>\d)a8-static")
 _SCHEME = re.compile(r"w(?P<bits>\d)(?:g(?P<group>\d+))?(?:e(?P<emb>\d))?(?P<sym>-sym|-asym)?")
-_FORMAT_SCHEME = re.compile(
-    r"(?P<fmt>nf4|fp4|fp8|log2|ternary)(?:g(?P<group>\d+))?|(?P<km>kmeans)(?P<bits>[2-4])"
-)
 
 
 def parse_scheme(scheme: str, method: str | None = None) -> QuantConfig:
@@ -95,7 +93,7 @@ def _parse(scheme: str) -> QuantConfig:
         if not 2 <= int(static["bits"]) <= 8:
             raise LowbitError(f"scheme {scheme!r}: weight bits must be 2..8")
         return StaticW8A8(weight_bits=int(static["bits"]))
-    other = _FORMAT_SCHEME.fullmatch(scheme.strip().lower())
+    other = FORMAT_NAME.fullmatch(scheme.strip().lower())
     if other:
         if other["km"]:
             return WeightOnly(format="kmeans", bits=int(other["bits"]), group_size=None)
