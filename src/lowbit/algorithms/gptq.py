@@ -35,7 +35,14 @@ import torch
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.errors import LowbitError
 from lowbit.core.formats import Format
-from lowbit.core.primitives import check_finite, choose_qparams, qparams_from_range, to_blocks
+from lowbit.core.primitives import (
+    check_finite,
+    choose_qparams,
+    level_midpoints,
+    qparams_from_range,
+    scale_only_codes,
+    to_blocks,
+)
 from lowbit.core.spec import PerChannel, PerGroup, QuantSpec
 
 Tensor = torch.Tensor
@@ -374,8 +381,7 @@ def grid(fmt: Format, device: torch.device, table: Tensor | None = None) -> tupl
     if fmt.kind == "table":
         return table, ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
     if fmt.kind == "codebook":
-        levels = torch.tensor(fmt.levels, dtype=torch.float32, device=device)
-        return levels, (levels[1:] + levels[:-1]) / 2
+        return level_midpoints(fmt, device)
     return None
 
 
@@ -392,11 +398,11 @@ def snap(v: Tensor, fmt: Format, levels: tuple[Tensor, Tensor] | None, codes: Te
         return table.gather(1, idx)[:, 0]
     if fmt.kind == "codebook":
         values, mids = levels
-        idx = torch.bucketize(v.contiguous(), mids)
+        idx = scale_only_codes(v, fmt, mids)
         if codes is not None:
             codes.copy_(idx)
         return values[idx]
-    out = v.clamp(-fmt.float_max, fmt.float_max).to(fmt.torch_dtype).float()
+    out = scale_only_codes(v, fmt).to(fmt.torch_dtype).float()
     if codes is not None:
         codes.copy_(out)
     return out

@@ -260,12 +260,26 @@ def quantize(
     if fmt.kind == "int":
         zp = zero_point.float()[..., None] if zero_point is not None else 0.0
         q = torch.clamp(torch.round(v) + zp, fmt.qmin, fmt.qmax)
-    elif fmt.kind == "float":
-        q = v.clamp(-fmt.float_max, fmt.float_max)
     else:
-        levels = torch.tensor(fmt.levels, dtype=torch.float32, device=x.device)
-        q = torch.bucketize(v.contiguous(), (levels[1:] + levels[:-1]) / 2)
+        q = scale_only_codes(v, fmt)
     return from_blocks(q, tuple(x.shape), block).to(fmt.torch_dtype)
+
+
+def level_midpoints(fmt: Format, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """A codebook format's ascending levels ``(K,)`` float32 and the ``K - 1`` midpoints between them."""
+    levels = torch.tensor(fmt.levels, dtype=torch.float32, device=device)
+    return levels, (levels[1:] + levels[:-1]) / 2
+
+
+def scale_only_codes(v: Tensor, fmt: Format, mids: Tensor | None = None) -> Tensor:
+    """The rounding rule of scale-only formats, for ``v = x / scale``: a float format's codes are ``v``
+    clamped to +-``float_max`` (the cast to ``fmt.torch_dtype`` then rounds); a codebook's are the index
+    of the nearest level (``mids``: ``level_midpoints``, built from ``fmt`` when None; ties go down)."""
+    if fmt.kind == "float":
+        return v.clamp(-fmt.float_max, fmt.float_max)
+    if mids is None:
+        mids = level_midpoints(fmt, v.device)[1]
+    return torch.bucketize(v.contiguous(), mids)
 
 
 def dequantize(
