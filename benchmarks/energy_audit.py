@@ -26,7 +26,7 @@ import lowbit
 from lowbit.data import calib_batches, eval_articles, eval_windows, vision
 from lowbit.eval.audit import audit
 from lowbit.eval.energy import count_operations
-from lowbit.eval.perplexity import perplexity_interval, window_nlls
+from lowbit.eval.perplexity import nll_perplexity, perplexity_interval, window_nlls
 from lowbit.workflows import calibration_batches
 
 RESULTS = Path(__file__).parent / "results"
@@ -105,7 +105,7 @@ def smollm2_audit() -> dict:
 
 def _ppl(nlls) -> dict:
     lo, hi = perplexity_interval(nlls, 512)
-    ppl = float(torch.exp(nlls.sum() / (len(nlls) * 511)))
+    ppl = nll_perplexity(nlls, 512)
     return {"perplexity": round(ppl, 2), "ci": [round(lo, 2), round(hi, 2)]}
 
 

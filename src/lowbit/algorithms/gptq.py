@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from lowbit.algorithms.kmeans import kmeans, midpoints, nearest
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.errors import LowbitError
 from lowbit.core.formats import Format
@@ -146,8 +147,6 @@ def gptq(
     fit = _fitter(spec, mse_clip, name)
     levels = None
     if spec.fmt.kind == "table":  # tables fitted once, diag(H)-weighted (``lowbit.algorithms.kmeans``)
-        from lowbit.algorithms.kmeans import kmeans
-
         fitted_table = kmeans(w, spec, importance=col_w.clamp_min(0)[None], name=name)
         scale, zp, levels = fitted_table.scale, None, fitted_table.levels
     elif not lazy:
@@ -297,7 +296,7 @@ def _mse_qparams(x: Tensor, spec: QuantSpec, col_w: Tensor | None = None) -> tup
     hi = xb.masked_fill(pad, -math.inf).amax(-1)
     flat = xb.masked_fill(pad, 0.0).reshape(-1, xb.shape[-1])  # (n_blocks, block)
     wflat = wb if col_w is None else wb.reshape(flat.shape)
-    best = None
+    best, levels = None, None if fmt.kind == "int" else grid(fmt, flat.device)
     for p in _MSE_SHRINK:
         scale, zp = qparams_from_range(lo * p, hi * p, spec)
         s = scale.float().reshape(-1, 1)
@@ -305,7 +304,7 @@ def _mse_qparams(x: Tensor, spec: QuantSpec, col_w: Tensor | None = None) -> tup
         if fmt.kind == "int":
             dq = torch.mul(flat, s.reciprocal()).round_().add_(z).clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)
         else:
-            dq = snap(torch.mul(flat, s.reciprocal()), fmt, grid(fmt, flat.device)).mul_(s)
+            dq = snap(torch.mul(flat, s.reciprocal()), fmt, levels).mul_(s)
         err = dq.sub_(flat).square_().mul_(wflat).sum(-1).view(lo.shape)
         if best is None:
             best, b_scale, b_zp = err, scale, zp
@@ -379,7 +378,7 @@ def grid(fmt: Format, device: torch.device, table: Tensor | None = None) -> tupl
     """(ascending levels, midpoints between them) that ``snap`` rounds to: a codebook's levels ``(K,)``,
     a table format's ``table`` ``(out, K)`` (one row per output); None for float formats."""
     if fmt.kind == "table":
-        return table, ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
+        return table, midpoints(table)
     if fmt.kind == "codebook":
         return level_midpoints(fmt, device)
     return None
@@ -392,7 +391,7 @@ def snap(v: Tensor, fmt: Format, levels: tuple[Tensor, Tensor] | None, codes: Te
     With ``codes`` (``v``'s shape, float), the codes are written there: level indices, or the values."""
     if fmt.kind == "table":
         table, mids = levels
-        idx = torch.searchsorted(mids, v[:, None].contiguous())
+        idx = nearest(v[:, None], table, mids)
         if codes is not None:
             codes.copy_(idx[:, 0])
         return table.gather(1, idx)[:, 0]

@@ -27,11 +27,16 @@ from lowbit.core.spec import PerTensor, QuantSpec
 Tensor = torch.Tensor
 
 
-def nearest(v: Tensor, levels: Tensor) -> Tensor:
+def midpoints(levels: Tensor) -> Tensor:
+    """``(R, K - 1)`` midpoints between consecutive levels of each row of ascending ``levels (R, K)``."""
+    return ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+
+
+def nearest(v: Tensor, levels: Tensor, mids: Tensor | None = None) -> Tensor:
     """Index (int64, ``v``'s shape ``(R, n)``) of the nearest of each row's ascending ``levels (R, K)``
     (``R`` may be 1 for one shared table); a value halfway goes to the lower level, as ``quantize``'s
-    codebook rounding (``torch.bucketize``)."""
-    mids = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+    codebook rounding (``torch.bucketize``). ``mids``: ``midpoints(levels)`` when already built."""
+    mids = midpoints(levels) if mids is None else mids
     if mids.shape[0] != v.shape[0]:
         mids = mids.expand(v.shape[0], -1).contiguous()
     return torch.searchsorted(mids, v.contiguous())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,6 +32,12 @@ def _check_positive(name: str, value: int) -> None:
 PER_ARTICLE = 1024
 
 
+def _openings(tokenizer: Any, per_article: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index in ``eval_articles()``, its first ``per_article`` tokens), article by article, lazily."""
+    for i, article in enumerate(eval_articles()):
+        yield i, tokenize(tokenizer, [article])[:per_article]
+
+
 def eval_tokens(tokenizer: Any, n_tokens: int = 8192, per_article: int = PER_ARTICLE) -> torch.Tensor:
     """LongTensor (n_tokens,): the opening tokens of held-out articles, at most ``per_article`` each.
 
@@ -40,10 +47,9 @@ def eval_tokens(tokenizer: Any, n_tokens: int = 8192, per_article: int = PER_ART
     _check_positive("n_tokens", n_tokens)
     _check_positive("per_article", per_article)
     parts, have = [], 0
-    for article in eval_articles():
+    for _, part in _openings(tokenizer, per_article):
         if have >= n_tokens:
             break
-        part = tokenize(tokenizer, [article])[:per_article]
         parts.append(part)
         have += part.numel()
     if have < n_tokens:
@@ -64,8 +70,7 @@ def eval_windows(
     _check_positive("window", window)
     _check_positive("per_article", per_article)
     rows, owner = [], []
-    for i, article in enumerate(eval_articles()):
-        part = tokenize(tokenizer, [article])[:per_article]
+    for i, part in _openings(tokenizer, per_article):
         n = part.numel() // window
         if n:
             rows.append(part[: n * window].view(n, window))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lowbit.core.errors import LowbitError
+from lowbit.eval.size import tensor_bytes
 from lowbit.nn.dynamic import QDynamicLinear
 from lowbit.nn.modules import QEmbedding, QuantizedWeightModule
 from lowbit.nn.static import QStaticConv2d, StaticActivations
@@ -113,11 +114,6 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _stored_bytes(module: nn.Module) -> int:
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def _macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
     if isinstance(module, (nn.Conv2d, QStaticConv2d)):
         kernel = module.weight_shape if isinstance(module, QStaticConv2d) else module.weight.shape
@@ -138,7 +134,7 @@ def count_operations(
         def fn(mod, args, out):
             x = args[0]
             act = 1 if kind == "int8" and isinstance(mod, StaticActivations) else x.element_size()
-            ops = layers.setdefault(name, LayerOps(name, kind, weight_bytes=_stored_bytes(mod)))
+            ops = layers.setdefault(name, LayerOps(name, kind, weight_bytes=tensor_bytes(mod.state_dict())))
             ops.macs += _macs(mod, x, out)
             ops.activation_bytes += (x.numel() + out.numel()) * act
 

@@ -82,9 +82,13 @@ def perplexity(
     accumulated in float64. ``model(ids).logits`` must be (b, w, vocab), as for any Hugging Face
     causal LM. The model runs in eval mode under ``torch.inference_mode()``; its mode is restored.
     """
-    windows = _windows(tokens, window)
-    nlls = window_nlls(model, windows, batch_size, progress)
-    return math.exp(nlls.sum().item() / (windows.shape[0] * (window - 1)))
+    return nll_perplexity(window_nlls(model, _windows(tokens, window), batch_size, progress), window)
+
+
+def nll_perplexity(nlls: torch.Tensor, window: int) -> float:
+    """exp(mean next-token NLL) from per-window NLL sums ``nlls`` ``(n,)`` of ``window``-token windows
+    (``window - 1`` predicted tokens each), as ``window_nlls`` returns them."""
+    return math.exp(nlls.sum().item() / (len(nlls) * (window - 1)))
 
 
 def perplexity_interval(

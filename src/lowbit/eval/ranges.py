@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lowbit.core.errors import LowbitError
-from lowbit.nn.modules import QuantizedWeightModule
+from lowbit.nn.modules import QEmbedding, QuantizedWeightModule
 from lowbit.nn.static import StaticActivations
 
 BINS = 32
@@ -76,9 +76,7 @@ def _representable(module: StaticActivations) -> tuple[float, float]:
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
     kinds = (nn.Linear, nn.Conv2d, QuantizedWeightModule)
-    return {
-        n: m for n, m in model.named_modules() if isinstance(m, kinds) and type(m).__name__ != "QEmbedding"
-    }
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not isinstance(m, QEmbedding)}
 
 
 def activation_ranges(
@@ -91,12 +89,13 @@ def activation_ranges(
     """Per layer, in module order, the ranges of the module docstring over ``batches``; ``forward(model,
     batch)`` runs one batch (default ``model(batch)``). The model is left as it was."""
     gen = torch.Generator().manual_seed(seed)
-    trackers = {n: _Tracker(m, sample, gen) for n, m in _layers(model).items()}
-    if not trackers:
+    layers = _layers(model)
+    if not layers:
         raise LowbitError("the model has no Linear, Conv2d or quantized layer to record ranges of")
+    trackers = {n: _Tracker(m, sample, gen) for n, m in layers.items()}
     handles = [
         m.register_forward_pre_hook(lambda mod, args, t=trackers[n]: t.add(args[0]))
-        for n, m in _layers(model).items()
+        for n, m in layers.items()
     ]
     try:
         with torch.no_grad():
