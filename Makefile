@@ -13,7 +13,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
-.PHONY: venv fashion-mnist qwen bench-venv demo test test-fast lint format bench bench-quality bench-speed \
+.PHONY: venv fashion-mnist qwen bench-venv demo browser test test-fast lint format bench bench-quality bench-speed \
 	bench-static bench-gptq bench-dist bench-qat bench-mixed bench-energy clean
 
 venv: $(STAMP)
@@ -45,11 +45,15 @@ qwen: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# Debian's chromium, for the report's browser test (tests/eval/test_report_browser.py); CI runs as root.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+test: $(STAMP) browser
+	LOWBIT_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP) browser
+	LOWBIT_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m "not slow"
 
 # Peers (torchao, optimum-quanto) live only in $(BENCH_VENV), with torch held at the CPU wheel.
 bench-venv: $(BENCH_STAMP)

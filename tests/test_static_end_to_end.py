@@ -56,3 +56,38 @@ def test_minilm_static_keeps_embeddings(tmp_path):
     batch = dict(tok(texts[:4], padding=True, return_tensors="pt"))
     with torch.no_grad():
         assert torch.equal(back(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+def test_mnist_cnn_report_and_onnx_debug(tmp_path, capsys):
+    """``lowbit report`` on a real static W8A8 checkpoint (per-class audit, layers, energy), and ``lowbit
+    debug`` of its QDQ ONNX export against the float model's ONNX, one weight scale broken."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    ck, rep = tmp_path / "q", tmp_path / "rep"
+    argv = ["quantize", "--model", "mnist-cnn", "--scheme", "w8a8-static", "--calib", "mnist:256",
+            "--out", str(ck), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["report", str(ck), "--data", "mnist:1000", "--no-speed", "--quiet", "--out", str(rep)]) == 0
+    r = json.loads((rep / "report.json").read_text())
+    assert r["model"]["baseline"] == "mnist-cnn" and r["quality"]["metric"] == "top-1 accuracy"
+    assert r["audit"]["grouping"] == "class" and len(r["audit"]["groups"]) == 10
+    assert len(r["layers"]) == 7 and all(e["output_sqnr_db"] > 25 for e in r["layers"])
+    assert r["energy"]["quantized"]["total_uj"] < r["energy"]["baseline"]["total_uj"]
+    capsys.readouterr()
+    qdq, flt = tmp_path / "q.onnx", tmp_path / "f.onnx"
+    assert main(["export", str(ck), "--out", str(qdq)]) == 0
+    model, _ = lowbit.models.load("mnist-cnn")
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(flt), input_names=["input"],
+                      dynamic_axes={"input": {0: "n"}}, dynamo=False)  # fmt: skip
+    g = onnx.load(str(qdq))
+    scales = [i for i in g.graph.initializer if i.name.startswith("features.3") and "scale" in i.name]
+    broken = scales[0]
+    broken.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(broken) * np.float32(100), broken.name))
+    onnx.save(g, str(tmp_path / "broken.onnx"))
+    capsys.readouterr()
+    argv = ["debug", str(tmp_path / "broken.onnx"), "--float", str(flt), "--data", "mnist:16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "features.3" in out.split("worst")[0], out

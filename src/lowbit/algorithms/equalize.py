@@ -65,10 +65,16 @@ def scale_pair(
     s = s.double()
     new_w1 = w1.double() / s.reshape(-1, *([1] * (w1.dim() - 1)))
     new_b1 = None if b1 is None else (b1.double() / s).to(b1.dtype)
-    view = _in_channel_view(w2.double(), groups2) * s.reshape(-1, 1, 1)
-    g, per_group = groups2, w2.shape[1]
-    new_w2 = view.reshape(g, per_group, w2.shape[0] // g, -1).permute(0, 2, 1, 3).reshape(w2.shape)
-    return new_w1.to(w1.dtype), new_b1, new_w2.to(w2.dtype)
+    return new_w1.to(w1.dtype), new_b1, scale_inputs(w2.double(), s, groups2).to(w2.dtype)
+
+
+def scale_inputs(weight: Tensor, s: Tensor, groups: int = 1) -> Tensor:
+    """``weight (out, in / groups, ...)`` with every entry that reads input channel ``i`` times ``s[i]``
+    (``s (in,)``), in ``weight``'s dtype (``s`` cast to it)."""
+    view = _in_channel_view(weight, groups) * s.to(weight.dtype).reshape(-1, 1, 1)
+    per_group = weight.shape[1]
+    out = view.reshape(groups, per_group, weight.shape[0] // groups, -1).permute(0, 2, 1, 3)
+    return out.reshape(weight.shape)
 
 
 def equalize_pair(

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lowbit.core.errors import LowbitError
+from lowbit.reporting.summary import summary_lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,12 +106,22 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--refresh", action="store_true", help="measure again what the cache already has")
     t = sub.add_parser("autotune", help="choose each layer's weight format under a budget (mixed precision)")
     _autotune_args(t)
+    r = sub.add_parser(
+        "report", help="measure a quantized model against its float baseline: HTML, JSON, card"
+    )
+    _report_args(r)
+    g = sub.add_parser("debug", help="find the layer that broke: output SQNR layer by layer against float")
+    g.add_argument("model", help="lowbit checkpoint folder, or a QDQ .onnx model (with --float)")
+    g.add_argument("--baseline", help="float model to compare with (default: the checkpoint's source)")
+    g.add_argument("--float", dest="float_onnx", help="for a QDQ .onnx model: its float .onnx model")
+    g.add_argument("--data", help=DATA_HELP)
+    g.add_argument("--threshold", type=float, default=20.0, help="output SQNR in dB (default 20)")
     for s in (b, a):
         s.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64], help="activation rows")
         s.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
-    for s in (q, e, b, a, t):
+    for s in (q, e, b, a, t, r, g):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
-    for s in (b, a, t):
+    for s in (b, a, t, r, g):
         s.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -148,6 +160,23 @@ def _autotune_args(t: argparse.ArgumentParser) -> None:
         "per layer and candidate)",
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+DATA_HELP = (
+    "evaluation data: wiki[:N] (N windows of 512 held-out Wikipedia tokens, default 24), mnist[:N], "
+    "fashion-mnist[:N] (test images), photos[:N] (evaluation photo crops); default: the model's own task"
+)
+
+
+def _report_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("model", help="lowbit checkpoint folder, or a float model with --scheme")
+    r.add_argument("--out", required=True, help="new report folder: report.html, report.json, MODEL_CARD.md")
+    r.add_argument("--baseline", help="float model to compare with (default: the checkpoint's source)")
+    r.add_argument("--scheme", help="quantize a float MODEL with this scheme (round to nearest) first")
+    r.add_argument("--data", help=DATA_HELP)
+    r.add_argument("--groups", help="CSV with columns id,group (sample id 0..N-1 -> group) for the audit")
+    r.add_argument("--no-speed", action="store_true", help="skip the side-by-side speed measurement")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
 
 def _fraction(text: str | None) -> float | None:
@@ -202,6 +231,18 @@ def _run(args: argparse.Namespace) -> dict:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
+    if args.command == "report":
+        from lowbit.reporting.build import report
+
+        r = report(args.model, args.out, baseline=args.baseline, scheme=args.scheme, data=args.data,
+                   groups=args.groups, speed=not args.no_speed, overwrite=args.overwrite,
+                   progress=not args.quiet, command=" ".join(["lowbit", *sys.argv[1:]]))  # fmt: skip
+        return {"report": str(Path(args.out) / "report.html"), "markdown": summary_lines(r)}
+    if args.command == "debug":
+        from lowbit.reporting.debug import debug
+
+        return debug(args.model, baseline=args.baseline, data=args.data, threshold=args.threshold,
+                     float_onnx=args.float_onnx, progress=not args.quiet)  # fmt: skip
     if args.command == "export":
         return workflows.export(args.model, args.format, args.out, overwrite=args.overwrite)
     if args.command == "bench":

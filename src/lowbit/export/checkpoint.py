@@ -5,8 +5,11 @@ Layout of a saved folder (see docs/ARCHITECTURE.md):
     quant_config.json   format, format_version, config, modules {fqn: entry}, aliases {name: canonical},
                         identity [fqns replaced by nn.Identity: folded BatchNorms, fused activations],
                         source (bundled model name, to rebuild a skeleton), inputs (example shapes),
+                        basis [fqns whose float weights were rescaled, lowbit.transforms.basis; null:
+                        not recorded],
                         tensor_sha256 {tensor: sha256}, config_sha256 (of the rest, canonical JSON)
-    model.safetensors   the model's state dict; tensors that share storage are stored once (aliases)
+    model.safetensors   the model's state dict; tensors that share storage are stored once (aliases);
+                        the basis rescalings as ``lowbit.basis.<fqn>/rows|inputs`` (float64 vectors)
     config.json, tokenizer files   for Hugging Face models, so ``load`` can rebuild the skeleton
 
 The format is named inside the folder, never in file names. Format version 2 added the checksums;
@@ -37,6 +40,9 @@ from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.fsio import atomic_dir
 from lowbit.export.validate import check_meta, config_digest, tensor_digests
 from lowbit.nn.modules import QuantizedModule
+from lowbit.transforms.basis import PREFIX as BASIS_PREFIX
+from lowbit.transforms.basis import from_tensors as basis_from_tensors
+from lowbit.transforms.basis import to_tensors as basis_tensors
 
 FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 2
@@ -85,6 +91,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwr
     ``out_dir`` is replaced only with ``overwrite`` and only if it is a lowbit checkpoint or empty."""
     modules = {fqn: m.config_entry() for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)}
     tensors, aliases = dedupe_state(model.state_dict())
+    basis = getattr(model, "lowbit_basis", None)
+    tensors.update(basis_tensors(basis or {}))
     meta = {
         "config": getattr(model, "lowbit_config", None),
         "modules": modules,
@@ -92,6 +100,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwr
         "identity": list(getattr(model, "lowbit_identity", [])),
         "source": getattr(model, "lowbit_source", None),
         "inputs": getattr(model, "lowbit_inputs", None),
+        "basis": None if basis is None else sorted(basis),
     }
     with atomic_dir(out_dir, overwrite, replaceable=is_checkpoint) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME})
@@ -186,17 +195,33 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None, *, verify: b
     meta = read_quant_config(folder)
     if verify:
         _verify_config(meta, folder / QUANT_CONFIG)
-    header = _header(folder / WEIGHTS)
+    header = {k: v for k, v in _header(folder / WEIGHTS).items() if not k.startswith(BASIS_PREFIX)}
     model = model if model is not None else _skeleton(folder, meta.get("source"))
     _build_structure(model, meta, folder / QUANT_CONFIG)
     _check_against_header(model, header, meta.get("aliases", {}), folder / WEIGHTS)
     tensors = _read_tensors(folder / WEIGHTS, meta, verify)
+    model.lowbit_basis = _basis(tensors, meta, folder / WEIGHTS)
     for alias, canonical in meta.get("aliases", {}).items():
         tensors[alias] = tensors[canonical]
     _assign(model, tensors, folder / WEIGHTS)
     check_loaded(model, folder / WEIGHTS)
     model.lowbit_config = meta.get("config")
     return model.eval()
+
+
+def _basis(tensors: dict[str, torch.Tensor], meta: dict, path: Path) -> dict | None:
+    """Pop the stored channel rescalings (``lowbit.transforms.basis``) out of ``tensors``; None when the
+    writer recorded none (older checkpoints, streamed ones)."""
+    try:
+        basis = basis_from_tensors(tensors)
+    except LowbitError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    names = meta.get("basis")
+    if names is None and not basis:
+        return None
+    if sorted(basis) != sorted(names or []):
+        raise CheckpointError(f"{path}: stored basis tensors do not match the basis list in {QUANT_CONFIG}")
+    return basis
 
 
 def _build_structure(model: nn.Module, meta: dict, path: Path) -> None:

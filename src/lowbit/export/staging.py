@@ -25,7 +25,7 @@ import sys
 import warnings
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from lowbit.core.heap import trim_heap
 from lowbit.export.checkpoint import FORMAT_NAME, WEIGHTS, dedupe_state, is_checkpoint, write_quant_config
 from lowbit.export.validate import safetensors_header
 from lowbit.nn.modules import QuantizedWeightModule
+from lowbit.transforms.basis import to_tensors as basis_tensors
 from lowbit.transforms.block import BlockResult
 from lowbit.transforms.comm import SOLO, Comm
 from lowbit.transforms.configs import QuantConfig
@@ -47,6 +48,8 @@ from lowbit.transforms.swap import Rows
 
 STAGE_SUFFIX = ".lowbit-partial"
 STAGE_VERSION = 1
+# what a staged block's metadata records of its BlockResult (the basis goes in as tensors)
+RESULT_FIELDS = tuple(f.name for f in fields(BlockResult) if f.name != "basis")
 TOKENIZER_FILES = (
     *("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"),
     *("added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja"),
@@ -164,6 +167,7 @@ class StagedStore:
     def commit(self, i: int, prefix: str, block: nn.Module, result: BlockResult, hidden: list | None) -> None:
         """Stage block ``i`` (and the inputs of block ``i + 1``), then record it as finished."""
         tensors, aliases = dedupe_state({f"{prefix}.{k}": v for k, v in block.state_dict().items()})
+        tensors.update(basis_tensors(result.basis))
         entries = {
             f"{prefix}.{n}": m.config_entry()
             for n, m in block.named_modules()
@@ -172,7 +176,8 @@ class StagedStore:
         meta = {
             "entries": json.dumps(entries),
             "aliases": json.dumps(aliases),
-            "result": json.dumps(asdict(result)),
+            "result": json.dumps({k: getattr(result, k) for k in RESULT_FIELDS}),
+            "basis": json.dumps(sorted(result.basis)),
         }
         if self.comm.rank == 0:
             _save_atomic(tensors, self.block_file(i), meta)
@@ -313,15 +318,17 @@ def write_checkpoint(
         for fqn, m in model.named_modules()
         if isinstance(m, QuantizedWeightModule) and not fqn.startswith(inside)
     }
-    n_blocks = len(model.get_submodule(path))
+    n_blocks, basis = len(model.get_submodule(path)), []
     for i in range(n_blocks):
         meta = stage.block_meta(i)
         entries.update(meta["entries"])
         aliases.update(meta["aliases"])
+        basis += meta.get("basis", [])
     order = {fqn: k for k, (fqn, _) in enumerate(model.named_modules())}
     entries = dict(sorted(entries.items(), key=lambda kv: order.get(kv[0], len(order))))
     meta = {"config": config.to_dict()}
     meta |= {"modules": entries, "aliases": aliases, "identity": [], "source": None, "inputs": None}
+    meta["basis"] = sorted(basis)
     parts = [stage.dir / "rest.safetensors", *(stage.block_file(i) for i in range(n_blocks))]
     parts += [
         (src / f, [k for k in copy if source.weight_map[k] == f])

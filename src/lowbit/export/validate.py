@@ -37,7 +37,7 @@ INPUT_DTYPES = (*FLOAT_DTYPES, "int64", "int32", "int16", "int8", "uint8", "bool
 OPTIONAL_FIELDS = ("requantize_output", "padding_idx")
 TOP_FIELDS = {
     "format", "format_version", "config", "modules", "aliases", "identity", "source", "inputs",
-    "tensor_sha256", "config_sha256",
+    "tensor_sha256", "config_sha256", "basis",
 }  # fmt: skip
 CONV_FIELDS = {"in_channels": 1, "out_channels": 1, "kernel_size": 1, "stride": 1, "padding": 0,
                "dilation": 1, "groups": 1}  # fmt: skip
@@ -184,6 +184,11 @@ def check_meta(meta: object, where: Path, newest: int) -> dict:
     if not isinstance(meta.get("source"), (str, type(None))):
         raise CheckpointError(f"{where}: source must be a model name or null")
     _check_inputs(meta.get("inputs"), where)
+    basis = meta.get("basis")
+    if basis is not None:
+        if not isinstance(basis, list):
+            raise CheckpointError(f"{where}: basis must be a list of module names or null")
+        _names(basis, "basis", where)
     _check_digests(meta, version, where)
     return meta
 

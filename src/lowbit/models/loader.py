@@ -274,4 +274,6 @@ def load(
         other = _load_other_bundled(name)
         if other is not None:
             return other
-    return load_hf_folder(cached_folder(name, cache_dir=cache_dir, progress=progress), progress)
+    model, tok = load_hf_folder(cached_folder(name, cache_dir=cache_dir, progress=progress), progress)
+    model.lowbit_source = name  # the float model a checkpoint came from (reports compare with it)
+    return model, tok

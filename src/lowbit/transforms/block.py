@@ -25,6 +25,7 @@ from torch import nn
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.errors import LowbitError
 from lowbit.nn.modules import QLinear
+from lowbit.transforms.basis import record
 from lowbit.transforms.block_round import BlockPlan, InputStats, round_group, share_group
 from lowbit.transforms.block_train import train_block
 from lowbit.transforms.comm import SOLO, Comm
@@ -82,6 +83,7 @@ class BlockResult:
     uncalibrated: dict[str, str] = field(default_factory=dict)
     scaled: dict[str, str] = field(default_factory=dict)
     trained: dict[str, str] = field(default_factory=dict)
+    basis: dict[str, dict] = field(default_factory=dict)  # lowbit.transforms.basis: folded scales
 
 
 def _linears(block: nn.Module, prefix: str, select: Callable[[str], bool]) -> list[tuple[str, nn.Linear]]:
@@ -179,6 +181,10 @@ def _fold_maps(block, prefix, arch, plan, stats, lead_of, result) -> None:
         fold_scales(producer, [c for _, c in consumers], s, arch.norm_offset)
         st.rescale(s)
         result.scaled[f"{prefix}.{pname}"] = ", ".join(names)
+        for n in names:
+            record(result.basis, f"{prefix}.{n}", inputs=s)
+        if isinstance(producer, nn.Linear):
+            record(result.basis, f"{prefix}.{pname}", rows=1.0 / s)
 
 
 def _input_groups(block: nn.Module, arch: Architecture, targets: list) -> dict[str, list[str]]:

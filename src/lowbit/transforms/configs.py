@@ -384,7 +384,7 @@ class StaticW8A8(QuantConfig):
         consecutive layer pairs in Sequentials get matched per-channel weight ranges. Exact across ReLU;
         a ReLU6 between a pair becomes a ReLU when the layer before absorbs it (``fuse_activations``),
         else that pair is left alone. Off by default: with per-channel weights it has little to fix,
-        and on MobileNetV2 (all ReLU6) it lowers top-1 agreement (README, static PTQ).
+        and on MobileNetV2 (all ReLU6) it lowers top-1 agreement (docs/static_w8a8.md).
     stretch_relu6: before calibration, each ``layer -> ReLU6 -> depthwise conv`` chain gets its quiet
         channels scaled up (the depthwise filter down) toward the top of the ReLU6 range, from the peaks
         one extra pass over ``calib`` measures (``lowbit.transforms.equalize.stretch_relu6_``). Exact in

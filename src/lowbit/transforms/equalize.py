@@ -21,7 +21,7 @@ the depthwise filter of that channel down by ``s_i``. Float outputs stay the sam
 stays below 1.5 times its calibrated peak; a per-tensor activation grid then spends its codes on every
 channel, not only on the loudest. The depthwise weights cost nothing: their scale is per channel anyway.
 (A dense second layer would pay with coarser per-output-channel weight grids, and does not gain on
-MobileNetV2: README, static PTQ.)
+MobileNetV2: docs/static_w8a8.md.)
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch import nn
 from lowbit.algorithms.equalize import equalize_pair, scale_pair, stretch_scales
 from lowbit.core.spec import PerChannel, QuantSpec
 from lowbit.observers import make_observer
+from lowbit.transforms.basis import record_on
 from lowbit.transforms.calibrate import observing, run_batches
 
 LAYERS = (nn.Conv2d, nn.Linear)
@@ -126,6 +127,8 @@ def equalize_(
             a, b = model.get_submodule(p.first), model.get_submodule(p.second)
             w1, b1, w2, s = equalize_pair(a.weight, a.bias, b.weight, getattr(b, "groups", 1))
             _write_pair(a, b, w1, b1, w2)
+            record_on(model, p.first, rows=1.0 / s)
+            record_on(model, p.second, inputs=s)
             worst = max(worst, float((s - 1).abs().max()))
         if worst <= tol:
             break
@@ -160,4 +163,6 @@ def stretch_relu6_(
             continue  # no calibration batch reached it
         s = stretch_scales(peaks[p.activation].range()[1], 6.0, headroom, cap)
         _write_pair(a, b, *scale_pair(a.weight, a.bias, b.weight, 1.0 / s, b.groups))
+        record_on(model, p.first, rows=s)
+        record_on(model, p.second, inputs=1.0 / s)
     return pairs

@@ -237,6 +237,8 @@ def quantize_(
         known = ", ".join(t.__name__ for t in HANDLERS)
         raise LowbitError(f"no handler for config {type(config).__name__}; known: {known}")
     check_model(model)
+    if not hasattr(model, "lowbit_basis"):
+        model.lowbit_basis = {}  # a float model: its own basis (lowbit.transforms.basis)
     select = Selector(include, exclude)
     empty = {f: why for f, why in zero_size_layers(model).items() if select(f)}
     select = Selector(include, exclude, skip=empty)

@@ -36,6 +36,7 @@ from lowbit.algorithms.rtn import rtn
 from lowbit.core.errors import LowbitError
 from lowbit.nn.dynamic import QDynamicLinear
 from lowbit.nn.modules import FLOAT_TO_Q
+from lowbit.transforms.basis import merge_into, record
 from lowbit.transforms.block import BlockResult, compute_dtype, quantize_block
 from lowbit.transforms.block_round import BlockPlan
 from lowbit.transforms.block_train import Training
@@ -64,6 +65,7 @@ class PipelineSummary(QuantSummary):
     scaled: dict[str, str] = field(default_factory=dict)
     trained: dict[str, str] = field(default_factory=dict)
     compute_dtype: str | None = None
+    basis: dict[str, dict] = field(default_factory=dict)  # lowbit.transforms.basis: folded scales
 
     def __str__(self) -> str:
         lines = [super().__str__()]
@@ -303,6 +305,7 @@ def quantize_sequential(
         run_pipeline(model, path, config, select, batches, InMemoryStore(), summary, progress, comm)
     finally:
         model.train(was_training)
+    merge_into(model, summary.basis)
     return summary
 
 
@@ -365,6 +368,8 @@ def merge(summary: PipelineSummary, res: BlockResult) -> None:
     summary.uncalibrated.update(res.uncalibrated)
     summary.scaled.update(res.scaled)
     summary.trained.update(res.trained)
+    for fqn, entry in res.basis.items():
+        record(summary.basis, fqn, **entry)
 
 
 @register_handler(SmoothQuant, distributed=True)

@@ -1,0 +1,1 @@
+"""What quantization did to a model: ``report`` (``lowbit report``) and ``debug`` (``lowbit debug``)."""
