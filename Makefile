@@ -13,7 +13,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
-.PHONY: venv fashion-mnist qwen bench-venv demo browser test test-fast lint format bench bench-quality bench-speed \
+.PHONY: venv fashion-mnist qwen bench-venv demo browser report-screenshot test test-fast lint format bench bench-quality bench-speed \
 	bench-static bench-gptq bench-dist bench-qat bench-mixed bench-energy clean
 
 venv: $(STAMP)
@@ -48,6 +48,13 @@ demo: $(STAMP)
 # Debian's chromium, for the report's browser test (tests/eval/test_report_browser.py); CI runs as root.
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
+
+# The README's screenshot of the report `make demo` writes, in the headless Chromium the browser test uses.
+report-screenshot: browser
+	test -f out/demo/report/report.html || $(MAKE) --no-print-directory demo
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+		--disable-component-update --disable-sync --hide-scrollbars --user-data-dir=$$(mktemp -d) \
+		--window-size=1200,1500 --screenshot=docs/report.png file://$(CURDIR)/out/demo/report/report.html
 
 test: $(STAMP) browser
 	LOWBIT_REQUIRE_BROWSER=1 $(PY) -m pytest -q

@@ -85,15 +85,16 @@ def main() -> int:
             rows.append({"scheme": scheme, "method": METHODS.get(scheme, "float"), "bytes": size,
                          "perplexity": ppl, "decode_tok_s": speed[scheme]["decode_tok_s"],
                          "quantize_s": seconds})  # fmt: skip
-        print(f"\n{MODEL}, {torch.get_num_threads()} threads, perplexity on 8,192 held-out Wikipedia tokens:")
+        threads = torch.get_num_threads()
+        print(f"\n{MODEL}, {threads} threads, perplexity on 8,192 held-out Wikipedia tokens:")
         print(_table(rows))
         print("Note: SmolLM2's bundled weights come from a Q4_1 GGUF (4-bit, groups of 32), so they already")
-        print(
-            "lie on a 4-bit grid; g128, w8 and w8a8 are honest tests, 4-bit groups of 32 would flatter lowbit."
-        )
+        print("lie on a 4-bit grid; g128, w8 and w8a8 are honest tests, 4-bit groups of 32 would flatter.")
         print("\nwriting the report of the w4g128 model ...", flush=True)
-        r = report(out / "w4g128", out / "report", baseline=MODEL, overwrite=True, progress=False,
-                   command=f"lowbit report {out / 'w4g128'} --baseline {MODEL} --out {out / 'report'}")  # fmt: skip
+        command = f"lowbit report {out / 'w4g128'} --baseline {MODEL} --out {out / 'report'}"
+        r = report(
+            out / "w4g128", out / "report", baseline=MODEL, overwrite=True, progress=False, command=command
+        )
     except LowbitError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2

@@ -154,3 +154,22 @@ def test_static_forward_close_to_float():
     with torch.no_grad():
         err = (q(x) - conv(x)).abs().max()
     assert err < 4 * float(q.output_scale)
+
+
+@pytest.mark.parametrize("in_channels,wide", [(64, False), (2048, True)], ids=["float32", "float64"])
+def test_accumulate_exact_in_float32_and_float64(in_channels, wide):
+    """The float32 path (partial sums provably below 2**24) and the float64 one give the exact integers."""
+    from lowbit.kernels import integer
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.uniform_(-1, 1)  # codes up to 127: a 2048 x 3 x 3 row sums past 2**24 / 255
+    x = torch.rand(2, in_channels, 6, 6) * 4
+    q = _static(conv, "uint8", x)
+    xq = integer.quantize_activation(x, q)
+    l1 = float(integer.weight_values(q).abs().sum(1).max())
+    assert (255 * l1 >= 2**24) == wide
+    w = integer.weight_values(q).reshape(q.weight_shape)
+    want = torch.nn.functional.conv2d(xq.double() - q.input_zero_point.double(), w, None, 1, 1)
+    assert torch.equal(integer._accumulate(xq, q), want)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,7 +75,8 @@ def _reset_peak() -> bool:
 
 def _generate(model: nn.Module, ids: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
     """(prefill seconds, decode seconds for new - 1 tokens, new tokens) of greedy generation."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' notice about past_key_values
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
         t1 = time.perf_counter()

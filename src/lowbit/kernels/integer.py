@@ -12,8 +12,8 @@ False stop at the accumulator (ONNX Runtime's MatMulIntegerToFloat)::
 
     y = float32(sum((xq - x_zp) * wq)) * float32(x_scale * w_scale[c]) + bias
 
-The products are summed in float64, which holds every such sum exactly (|acc| < 2**53), then handled
-as int64. Weights are symmetric (zero point 0), one scale per output channel: int8 codes, narrower
+The products are summed in float32 where no partial sum can reach 2**24, else in float64 (exact below
+2**53), then handled as int64. Weights are symmetric (zero point 0), one scale per output channel: int8 codes, narrower
 integer codes, or binary levels -1/+1 (``weight_values``).
 """
 
@@ -77,14 +77,22 @@ def _channels(layer) -> tuple[int, ...]:
 
 
 def _accumulate(xq: Tensor, layer) -> Tensor:
-    """Exact ``sum((xq - x_zp) * wq)`` as float64 integers: ``(..., rows)`` or ``(n, rows, h', w')``."""
-    w = _weight_codes(layer)
-    xi = xq.double() - layer.input_zero_point.double()  # zero padding of a conv = the real value 0
+    """Exact ``sum((xq - x_zp) * wq)`` as float64 integers: ``(..., rows)`` or ``(n, rows, h', w')``.
+
+    In float32 when no partial sum can reach 2**24 (``max |x - x_zp| * max_row sum |w| < 2**24``: every
+    product and partial sum is then an integer float32 holds exactly, in any summation order), which
+    runs the fast float kernels; else in float64. Both give the same integers."""
+    xi = xq.float() - layer.input_zero_point.float()  # zero padding of a conv = the real value 0
+    l1 = prepared(layer, "int_weight_l1", lambda: float(_weight_codes(layer).abs().sum(1).max()))
+    exact32 = float(xi.abs().max()) * l1 < 2**24 if xi.numel() else True
+    dtype = torch.float32 if exact32 else torch.float64
+    w = prepared(layer, f"int_weight_{dtype}", lambda: _weight_codes(layer).to(dtype))
+    xi = xi.to(dtype)
     if not hasattr(layer, "conv"):
-        return xi @ w.T
+        return (xi @ w.T).double()
     c = layer.conv
     w = w.reshape(layer.weight_shape)
-    return F.conv2d(xi, w, None, c["stride"], c["padding"], c["dilation"], c["groups"])
+    return F.conv2d(xi, w, None, c["stride"], c["padding"], c["dilation"], c["groups"]).double()
 
 
 def qlinear(xq: Tensor, layer) -> Tensor:

@@ -4,7 +4,7 @@
   from each article's opening; groups: the article.
 - ``mnist[:N]``, ``fashion-mnist[:N]`` (classifiers): the first N test images (default all 10,000);
   groups: the true class.
-- ``photos[:N]`` (ImageNet CNNs): the first N of the 480 evaluation photo crops (default all); the float
+- ``photos[:N]`` (ImageNet CNNs): the first N of the 480 evaluation photo crops (default 160); the float
   model's top-1 class is the label (top-1 agreement); groups: the photo.
 
 Sample ids (for a user's groups CSV) are ``0 .. N-1`` in that order.
@@ -23,8 +23,8 @@ from lowbit.core.errors import LowbitError
 
 WINDOW = 512
 PER_ARTICLE = 2 * WINDOW
-DEFAULTS = {"wiki": 24, "mnist": None, "fashion-mnist": None, "photos": None}
-LAYER_SAMPLES = {"wiki": 2, "mnist": 256, "fashion-mnist": 256, "photos": 16}  # for per-layer figures
+DEFAULTS = {"wiki": 24, "mnist": None, "fashion-mnist": None, "photos": 160}
+LAYER_SAMPLES = {"wiki": 2, "mnist": 256, "fashion-mnist": 256, "photos": 8}  # for per-layer figures
 
 
 @dataclass
