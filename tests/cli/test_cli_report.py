@@ -121,3 +121,44 @@ def test_debug_names_the_broken_layer(capsys, lm_checkpoint, tmp_path):
     code, out, _ = run_cli(capsys, "debug", str(lm_checkpoint / "q"), "--data", "wiki:2", "--quiet",
                            "--threshold", "5")  # fmt: skip
     assert code == 0 and "no layer below 5 dB" in out
+
+
+def test_group_by_unknown_is_exit_2(capsys, lm_checkpoint, tmp_path):
+    argv = ["report", str(lm_checkpoint / "q"), "--group-by", "photo", "--data", "wiki:2", "--no-speed"]
+    code, _, err = run_cli(capsys, *argv, "--quiet", "--out", str(tmp_path / "rep"))
+    assert code == 2 and "--group-by 'photo': wiki:2 has the groupings article" in err
+
+
+def test_rank_agreement_sums_to_spearman():
+    from scipy.stats import spearmanr
+
+    from lowbit.reporting.data import EvalData
+    from lowbit.reporting.measure import _rank_agreement
+
+    g = torch.Generator().manual_seed(0)
+    human = torch.randperm(50, generator=g).double().tolist()
+    pairs = [(f"a{i}", f"b{i}", h) for i, h in enumerate(human)]
+    cos = torch.rand(50, generator=g, dtype=torch.float64)
+    s = _rank_agreement(cos, EvalData("simlex:50", "embeddings", pairs, None))
+    assert float(s.mean()) + 1 == pytest.approx(spearmanr(cos.numpy(), human).statistic)
+
+
+@pytest.mark.slow
+def test_report_sentence_encoder_simlex(capsys, tmp_path):
+    """The bundled MiniLM, dynamic W8A8: Spearman with intervals, audit by SimLex part of speech."""
+    code, _, err = run_cli(capsys, "quantize", "--model", "minilm-l6", "--scheme", "w8a8", "--out",
+                           str(tmp_path / "q"), "--quiet")  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "report", str(tmp_path / "q"), "--data", "simlex:300", "--no-speed",
+                             "--quiet", "--out", str(tmp_path / "rep"))  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert r["model"]["kind"] == "embeddings" and r["quality"]["samples"] == 300
+    base, quant = (row["value"] for row in r["quality"]["rows"])
+    assert 0.3 < base < 0.6 and abs(quant - base) < 0.05  # measured 0.45 / 0.45 on all 999 pairs
+    assert r["audit"]["grouping"] == "part of speech"
+    assert {g["group"] for g in r["audit"]["groups"]} == {"adjective", "noun"}  # the first 300 pairs
+    code, _, err = run_cli(
+        capsys, "report", str(tmp_path / "q"), "--data", "wiki:2", "--out", str(tmp_path / "r2")
+    )
+    assert code == 2 and "for language models" in err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -164,7 +165,8 @@ def _autotune_args(t: argparse.ArgumentParser) -> None:
 
 DATA_HELP = (
     "evaluation data: wiki[:N] (N windows of 512 held-out Wikipedia tokens, default 24), mnist[:N], "
-    "fashion-mnist[:N] (test images), photos[:N] (evaluation photo crops); default: the model's own task"
+    "fashion-mnist[:N] (test images), photos[:N] (evaluation photo crops), simlex[:N], wordsim[:N] (word "
+    "pairs, for sentence encoders); default: the model's own task"
 )
 
 
@@ -175,6 +177,11 @@ def _report_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--scheme", help="quantize a float MODEL with this scheme (round to nearest) first")
     r.add_argument("--data", help=DATA_HELP)
     r.add_argument("--groups", help="CSV with columns id,group (sample id 0..N-1 -> group) for the audit")
+    r.add_argument(
+        "--group-by",
+        help="audit grouping: article (wiki), class (mnist, fashion-mnist; photos: the float "
+        "model's class), photo (photos); default the first",
+    )
     r.add_argument("--no-speed", action="store_true", help="skip the side-by-side speed measurement")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
 
@@ -235,8 +242,9 @@ def _run(args: argparse.Namespace) -> dict:
         from lowbit.reporting.build import report
 
         r = report(args.model, args.out, baseline=args.baseline, scheme=args.scheme, data=args.data,
-                   groups=args.groups, speed=not args.no_speed, overwrite=args.overwrite,
-                   progress=not args.quiet, command=" ".join(["lowbit", *sys.argv[1:]]))  # fmt: skip
+                   groups=args.groups, group_by=args.group_by, speed=not args.no_speed,
+                   overwrite=args.overwrite, progress=not args.quiet,
+                   command=" ".join(["lowbit", *args.argv]))  # fmt: skip
         return {"report": str(Path(args.out) / "report.html"), "markdown": summary_lines(r)}
     if args.command == "debug":
         from lowbit.reporting.debug import debug
@@ -278,20 +286,31 @@ def _run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command a report records
     try:
         result = _run(args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
-    if result.get("rank", 0) > 0:
-        return 0  # one answer per run: rank 0's
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1))
-    elif "markdown" in result:
-        print(result["markdown"])
-    else:
-        print("\n".join(f"{k}: {v}" for k, v in result.items()))
+    if result.get("rank", 0) == 0:  # one answer per run: rank 0's
+        if args.json:
+            print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1))
+        elif "markdown" in result:
+            print(result["markdown"])
+        else:
+            print("\n".join(f"{k}: {v}" for k, v in result.items()))
+    if "ranks" in result and argv is None:
+        _exit_rank()
     return 0
+
+
+def _exit_rank() -> None:
+    """End a torchrun rank whose work is done and written, without interpreter finalization: there, now
+    and then, a gloo worker thread still being torn down aborts the process ("terminate called without
+    an active exception", exit -6) after a successful run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ False stop at the accumulator (ONNX Runtime's MatMulIntegerToFloat)::
 
     y = float32(sum((xq - x_zp) * wq)) * float32(x_scale * w_scale[c]) + bias
 
-The products are summed in float32 where no partial sum can reach 2**24, else in float64 (exact below
-2**53), then handled as int64. Weights are symmetric (zero point 0), one scale per output channel: int8 codes, narrower
-integer codes, or binary levels -1/+1 (``weight_values``).
+The products are summed in float32 where no partial sum can reach 2**24, else in float64 (exact
+below 2**53), then handled as int64. Weights are symmetric (zero point 0), one scale per output
+channel: int8 codes, narrower integer codes, or binary levels -1/+1 (``weight_values``).
 """
 
 from __future__ import annotations

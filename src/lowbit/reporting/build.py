@@ -63,14 +63,18 @@ def _load_models(ref, baseline, scheme, progress):
     return model, base.eval(), tok, str(name), []
 
 
-def _groups(data: EvalData, groups_csv) -> str:
-    """The grouping the audit uses: the user's CSV (added as "your groups") or the data's first."""
+def _groups(data: EvalData, groups_csv, group_by: str | None) -> str:
+    """The grouping the audit uses: the user's CSV (added as "your groups"), ``group_by``, or the data's
+    first. Photos also group by the float model's class, known only once it ran (checked there)."""
     if groups_csv is not None:
         from lowbit.data.groups import read_groups
 
         data.groups["your groups"] = read_groups(groups_csv, data.ids)
         return "your groups"
-    return next(iter(data.groups))
+    known = [*data.groups, *(["class"] if data.kind == "photos" else [])]
+    if group_by is not None and group_by not in known:
+        raise LowbitError(f"--group-by {group_by!r}: {data.spec} has the groupings {', '.join(known)}")
+    return group_by or next(iter(data.groups))
 
 
 def _measure(model, base, data: EvalData, grouping: str, speed: bool, progress: bool, r: dict) -> None:
@@ -90,9 +94,11 @@ def _measure(model, base, data: EvalData, grouping: str, speed: bool, progress: 
             missing.append("quality: photos are scored by agreement with the float model, which is unknown")
         else:
             data.labels = ref
-    if data.labels is not None or data.kind == "causal-lm":
+            data.groups["class"] = [f"ImageNet class {int(c)}" for c in ref]
+    scored = data.labels is not None or data.kind in ("causal-lm", "embeddings")
+    if scored:
         r["quality"] = measure.quality(data, ref, quant)
-    if ref is not None and (data.labels is not None or data.kind == "causal-lm"):
+    if ref is not None and scored:
         r["audit"] = measure.timed(lambda: measure.subgroup_audit(data, ref, quant, grouping), t, "audit")
     elif base is None:
         missing.append("subgroup audit and per-layer errors: need the float baseline")
@@ -123,10 +129,13 @@ def _scheme(config: dict) -> str:
     )
 
 
-def _title(ref, model) -> str:
+def _title(ref, model, base_name: str | None) -> str:
+    """The float model's name, the scheme and the method (the checkpoint folder's name for an unknown
+    float model)."""
     config = getattr(model, "lowbit_config", None) or {}
     method = config.get("method") if config.get("type") == "WeightOnly" else None
-    return " ".join(x for x in (Path(str(ref)).name, _scheme(config), method) if x)
+    name = Path(base_name).name if base_name else Path(str(ref)).name
+    return " ".join(x for x in (name, _scheme(config), method) if x)
 
 
 def report(
@@ -137,6 +146,7 @@ def report(
     scheme: str | None = None,
     data: str | None = None,
     groups: str | os.PathLike | None = None,
+    group_by: str | None = None,
     speed: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -144,15 +154,17 @@ def report(
 ) -> dict:
     """Measure checkpoint ``ref`` (or float model ``ref`` quantized with ``scheme``) against ``baseline``
     (default: the checkpoint's own float source) on ``data`` (``lowbit.reporting.data``; default: the
-    model's task) and write the report folder ``out``; returns the report dict with ``path``."""
+    model's task) and write the report folder ``out``; returns the report dict with ``path``. The audit
+    groups samples by ``group_by`` (article, class, photo; default the data's first) or by the user's
+    ``groups`` CSV (``lowbit.data.groups.read_groups``)."""
     check_target(out, overwrite, replaceable=is_report)
     model, base, tok, base_name, missing = _load_models(ref, baseline, scheme, progress)
-    data_set = read_data(data or default_spec(model, tok), tok)
+    data_set = read_data(data or default_spec(model, tok), tok, model)
     check_fits(model, data_set)
-    grouping = _groups(data_set, groups)
+    grouping = _groups(data_set, groups, group_by)
     config = getattr(model, "lowbit_config", None) or {}
     r = {
-        "format": "lowbit-report", "version": 1, "title": _title(ref, model),
+        "format": "lowbit-report", "version": 1, "title": _title(ref, model, base_name),
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "lowbit_version": _version(), "command": command,
         "model": {"reference": str(ref), "baseline": base_name, "kind": data_set.kind,
@@ -164,8 +176,9 @@ def report(
     torch.manual_seed(0)
     _measure(model, base, data_set, grouping, speed, progress, r)
     r["model"]["layers_quantized"] = len(r["layers"])
-    floats = sum(p.numel() for p in model.parameters())
-    r["model"]["parameters"] = floats + sum(e["params"] for e in r["layers"])
+    counted = base if base is not None else model  # parameters() counts a tied weight once
+    floats = sum(p.numel() for p in counted.parameters())
+    r["model"]["parameters"] = floats + (0 if base is not None else sum(e["params"] for e in r["layers"]))
     _write(r, out, overwrite)
     return r | {"path": str(out)}
 

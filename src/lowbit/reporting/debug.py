@@ -82,7 +82,7 @@ def debug(
     model, base, tok, _, _ = _load_models(ref, baseline, None, progress)
     if base is None:
         raise LowbitError(f"{ref} names no float model to compare with; pass --baseline MODEL")
-    d = read_data(data or default_spec(model, tok), tok)
+    d = read_data(data or default_spec(model, tok), tok, model)
     check_fits(model, d)
     batches, fwd = d.layer_batches(), d.forward()
     torch.manual_seed(0)

@@ -41,9 +41,29 @@ def scores(model: nn.Module, data: EvalData, progress: bool = False) -> torch.Te
 
     if data.kind == "causal-lm":
         return window_nlls(model, data.samples, batch_size=1, progress=progress)
+    if data.kind == "embeddings":
+        return pair_cosines(model, data)
     # small batches for large images: integer-only layers work on int64 activations that outgrow the cache
     batch = max(1, min(256, IMAGE_BATCH_ELEMENTS // data.samples[0].numel()))
     return predict(model, data.samples, batch_size=batch)
+
+
+def pair_cosines(model: nn.Module, data: EvalData) -> torch.Tensor:
+    """Float64 ``(n,)``: cosine similarity of each word pair's embeddings (``lowbit.models.embed``)."""
+    from lowbit.models.encoders import embed
+
+    words = data.words
+    index = {w: i for i, w in enumerate(words)}
+    v = embed(model, data.tokenizer, words).double()
+    a, b = zip(*[(index[p[0]], index[p[1]]) for p in data.samples], strict=True)
+    return torch.nn.functional.cosine_similarity(v[list(a)], v[list(b)], dim=1)
+
+
+def _spearman(cos: torch.Tensor, human: torch.Tensor) -> float:
+    """Spearman correlation of ``cos (n,)`` with ``human (n,)`` (ties averaged, scipy)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(cos.numpy(), human.numpy()).statistic)
 
 
 def quality(data: EvalData, base: torch.Tensor | None, quant: torch.Tensor) -> dict:
@@ -55,6 +75,12 @@ def quality(data: EvalData, base: torch.Tensor | None, quant: torch.Tensor) -> d
         value = lambda s: math.exp(float(s.double().mean()) / (WINDOW - 1))  # noqa: E731
         out = {"task": data.spec, "metric": "perplexity", "higher_is_better": False, "unit": "",
                "samples": n, "sample_unit": f"windows of {WINDOW} tokens"}  # fmt: skip
+    elif data.kind == "embeddings":
+        human = torch.tensor([p[2] for p in data.samples], dtype=torch.float64)
+        stat = lambda c: torch.tensor([_spearman(c[i], human[i]) for i in idx])  # noqa: E731
+        value = lambda c: _spearman(c, human)  # noqa: E731
+        out = {"task": data.spec, "metric": "Spearman correlation with human similarity scores",
+               "higher_is_better": True, "unit": "", "samples": n, "sample_unit": "word pairs"}  # fmt: skip
     else:
         labels = data.labels
         stat = lambda p: (p == labels)[idx].double().mean(1) * 100  # noqa: E731
@@ -82,11 +108,26 @@ def subgroup_audit(data: EvalData, base: torch.Tensor, quant: torch.Tensor, grou
     if data.kind == "causal-lm":
         ref, q = -base / (WINDOW - 1), -quant / (WINDOW - 1)
         score = "negative NLL per token in nats (higher is better)"
+    elif data.kind == "embeddings":
+        ref, q = _rank_agreement(base, data), _rank_agreement(quant, data)
+        score = (
+            "-6 d^2 / (n^2 - 1), d: the pair's rank by cosine minus its rank by human score (mean: rho - 1)"
+        )
     else:
         ref, q = (base == data.labels).double(), (quant == data.labels).double()
         score = "1 if the top-1 matches the label, else 0 (mean: accuracy)"
     result = audit(ref, q, data.groups[grouping]).to_dict()
     return {"grouping": grouping, "score": score, **result}
+
+
+def _rank_agreement(cos: torch.Tensor, data: EvalData) -> torch.Tensor:
+    """Per pair ``-6 d^2 / (n^2 - 1)``: Spearman's rho is 1 plus their mean (without ties)."""
+    from scipy.stats import rankdata
+
+    human = [p[2] for p in data.samples]
+    d = torch.tensor(rankdata(cos.numpy()) - rankdata(human), dtype=torch.float64)
+    n = len(d)
+    return -6 * d.pow(2) / (n * n - 1)
 
 
 def size(model: nn.Module, baseline: nn.Module | None, layers: list[LayerError]) -> dict:
@@ -104,15 +145,16 @@ def size(model: nn.Module, baseline: nn.Module | None, layers: list[LayerError])
     }
 
 
-def _one(data: EvalData) -> torch.Tensor:
-    """One inference: one decoded token (every weight read once) or one image."""
-    return data.samples[:1, :1] if data.kind == "causal-lm" else data.samples[:1]
+def _one(data: EvalData):
+    """One inference: one decoded token (every weight read once), one image or one word."""
+    return data.samples[:1, :1] if data.kind == "causal-lm" else data.inputs(1)
 
 
 def energy(model: nn.Module, baseline: nn.Module | None, data: EvalData) -> dict:
     """Estimated energy per inference of both models, and the RAPL reading where the machine has one."""
     fwd, x = data.forward(), _one(data)
-    out = {"per": "decoded token" if data.kind == "causal-lm" else "image", "unit": "uJ"}
+    per = {"causal-lm": "decoded token", "embeddings": "one-word text"}.get(data.kind, "image")
+    out = {"per": per, "unit": "uJ"}
     out["quantized"] = count_operations(model, x, fwd).to_dict()
     out["baseline"] = None if baseline is None else count_operations(baseline, x, fwd).to_dict()
 
@@ -136,25 +178,24 @@ def speed(model: nn.Module, baseline: nn.Module | None, data: EvalData, rounds: 
         from lowbit.eval.bench import end_to_end
 
         r = end_to_end(models, data.samples[:1, :128], new=16, rounds=rounds)
-        rows = [
-            {"name": "decode (batch 1)", "unit": "tok/s", **{k: v["decode_tok_s"] for k, v in r.items()}},
-            {
-                "name": "prefill (128 tokens)",
-                "unit": "tok/s",
-                **{k: v["prefill_tok_s"] for k, v in r.items()},
-            },
+        measures = [
+            ("decode (batch 1)", "tok/s", "decode_tok_s"),
+            ("prefill (128 tokens)", "tok/s", "prefill_tok_s"),
+            ("weights in memory", "MB", "weights_mb"),
+            ("generation peak memory, over the weights", "MB", "generation_peak_mb"),
         ]
+        rows = [{"name": n, "unit": u, **{k: v[key] for k, v in r.items()}} for n, u, key in measures]
         return {"threads": threads, "rows": rows, "layers": None}
     from lowbit.eval.latency import compare
 
-    rows = []
+    rows, fwd = [], data.forward()
+    unit = "texts/s" if data.kind == "embeddings" else "images/s"
     for batch in (1, 8):
-        x = data.samples[:batch]
+        x = data.inputs(batch)
         with torch.no_grad():
-            calls = {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}
+            calls = {k: (lambda m=m, x=x: fwd(m, x)) for k, m in models.items()}
             us = compare(calls, rounds=rounds, min_seconds=0.05)
-        per_s = {k: len(x) / v * 1e6 for k, v in us.items()}
-        rows.append({"name": f"batch {len(x)}", "unit": "images/s", **per_s})
+        rows.append({"name": f"batch {batch}", "unit": unit, **{k: batch / v * 1e6 for k, v in us.items()}})
     return {"threads": threads, "rows": rows, "layers": None}
 
 
