@@ -50,7 +50,7 @@ def awq_scales(
     with ``Q_i`` RTN to ``spec``, or to ``spec[i]`` when given one spec per weight (Linears of one input
     quantized to different formats). ``a = 0`` gives ``s = 1`` (plain RTN), so the result is never
     worse on ``x``. A table format (lut<b>, fitted by k-means) is searched with its uniform proxy
-    ``uint<b>`` per channel: refitting tables at every grid point costs ~50x more.
+    ``uint<b>`` per channel: refitting tables at every grid point would cost far more.
     """
     if grid < 1:
         raise LowbitError(f"grid must be >= 1, got {grid}")

@@ -65,7 +65,7 @@ class HessianAccumulator:
     ``dtype`` (float32 or float64) is the accumulation dtype; ``hessian()`` returns float32.
     Products are ``dtype`` matmuls, summed in ``dtype`` (inside ``lowbit.transforms.block``'s bf16
     compute context oneDNN rounds their float32 inputs to bf16 first, still summing in float32). Plain
-    bf16 partial sums (4x faster with AMX) made SmolLM2's first o_proj Hessian indefinite at 1% damp.
+    bf16 partial sums, though faster with AMX, can lose enough precision to leave a Hessian indefinite.
     """
 
     def __init__(self, in_features: int, device=None, dtype: torch.dtype = torch.float32) -> None:
@@ -284,7 +284,7 @@ def _mse_qparams(x: Tensor, spec: QuantSpec, col_w: Tensor | None = None) -> tup
     least round-trip error ``sum col_w (q - x)^2`` (ties keep the larger ``p``).
 
     The round trip multiplies by ``1/scale`` where ``quantize`` divides (as PyTorch's fake quantization
-    does; 4x faster than ``fake_quantize_per_channel_affine`` itself): the two can differ at exact ties,
+    does; faster than ``fake_quantize_per_channel_affine`` itself): the two can differ at exact ties,
     which only sway the search.
     """
     fmt = spec.fmt

@@ -6,11 +6,11 @@ then a qparam gets its closed-form least-squares update against ``W - W_e``; ``b
 per step, each block keeps its best iterate by mean ``|error|`` and the loop stops once no block improves.
 
 HQQ updates a float zero point with the scale fixed. lowbit stores an integer zero point, and rounding
-HQQ's undoes it: on Student-t weights the float zero point moves by ~0.09 of a step on average, so the
-rounded one equals RTN's in > 99.9 % of blocks (L2 error ratio vs RTN 1.0000). Here the half-quadratic
-step updates the continuous qparam left, the scale, for the integer zero points ``z_rtn`` and (asymmetric
-specs) ``z_rtn +- 1``; then ``refine`` rounds of ``codes = quantize(W)`` and a least-squares refit of the
-scale given the codes (``s = <w, q - z> / <q - z, q - z>`` over real elements) follow.
+HQQ's undoes it: the float zero point moves by a small fraction of a step, so the rounded one nearly
+always equals RTN's. Here the half-quadratic step updates the continuous qparam left, the scale, for
+the integer zero points ``z_rtn`` and (asymmetric specs) ``z_rtn +- 1``; then ``refine`` rounds of
+``codes = quantize(W)`` and a least-squares refit of the scale given the codes
+(``s = <w, q - z> / <q - z, q - z>`` over real elements) follow.
 
 Every candidate (RTN included) is scored by the L2 error of exactly what ``dequantize`` returns (scale cast
 to ``spec.scale_dtype``); each block keeps its best, RTN on ties, so the result is never worse than RTN per

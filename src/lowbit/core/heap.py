@@ -17,7 +17,7 @@ def _libc():
 def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing). Without
     it, glibc's adaptive mmap threshold puts block-sized tensors on the heap, and RSS grows by tens of
-    MB per block (measured: Qwen2.5-0.5B, 1.0 -> 2.1 GB over 24 blocks; flat with the trim)."""
+    MB per block; with the trim it stays flat."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
@@ -30,8 +30,7 @@ def map_big_allocations() -> None:
     """Have glibc give every allocation of ``MMAP_THRESHOLD`` bytes or more its own mapping, unmapped
     when freed (``mallopt(M_MMAP_THRESHOLD)``; elsewhere nothing). Process-wide, and it ends glibc's
     adaptive threshold, under which a block's freed temporaries stay on the heap and the next phase's
-    land beside them (measured, Qwen2.5-0.5B GPTQ block 0: peak RSS 1.44 -> 1.10 GB with the
-    tokenizer freed too; same speed)."""
+    land beside them, raising peak RSS (at no cost in speed)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD

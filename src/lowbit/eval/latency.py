@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-COLD_BYTES = 128 << 20  # well above this machine's 32 MiB L3
+COLD_BYTES = 128 << 20  # well above the last-level cache of common CPUs (tens of MiB)
 
 
 def _calls_for(fn: Callable[[], object], min_seconds: float) -> int:

@@ -13,10 +13,7 @@ The embedding table and an untied LM head are quantized last (``sequential.quant
 rounded a row chunk at a time (``swap.quantize_tables``, bitwise the in-memory result); tables kept
 float are copied byte for byte into the output. Peak memory: one float block, the captured activations
 (``n * L * hidden`` float32) and, for GPTQ, a Hessian per Linear input of the block and its rounding's
-temporaries; never a whole float table. Measured on Qwen2.5-0.5B (2.5 GB fp32; vocabulary 151936 x
-896, untied head), GPTQ on 16 x 512 tokens (``lowbit quantize --streaming``): peak RSS 0.93 GiB
-(0.99 GB), against 2.37 GB with whole tables and 6.7 GB in memory; importing torch and transformers
-alone takes 0.25 GB.
+temporaries; never a whole float table.
 
 Staging and the final write are ``lowbit.export.staging``: after a crash the same call resumes at the
 first unfinished block, bitwise identical to an uninterrupted run.

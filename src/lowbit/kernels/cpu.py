@@ -5,9 +5,9 @@
 | `cpu_int8pack` | int8 symmetric, one scale per output channel          | ``_weight_int8pack_mm``         |
 | `cpu_int4pack` | int4/uint4, groups of 32..256 along K, rows % 16 == 0 | ``_weight_int4pack_mm_for_cpu`` |
 
-On torch 2.13 both run slower than float32 on a 2-core AMD EPYC at every batch size (see
-``benchmarks/results/linear_cpu.md``), so they rank below lowbit's own kernels (``cpu_native``); they
-stay registered for ``lowbit advise`` to measure and for ``backend=`` to force.
+Both can be slower than float32 (``benchmarks/results/linear_cpu.md``), so they rank below lowbit's
+own kernels (``cpu_native``); they stay registered for ``lowbit advise`` to measure and for ``backend=``
+to force.
 
 int8 reads the stored bytes as they are (two's complement, see ``lowbit.core.codec``). int4 is
 repacked once into torch's layout, with lowbit's integer zero points folded into torch's

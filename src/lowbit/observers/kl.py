@@ -20,8 +20,8 @@ Candidates whose step is narrower than a histogram bin (KL cannot see their roun
 
 Exact zeros: post-ReLU data put half their mass in the first bin (exact zeros, which every candidate
 represents exactly). Left in, that spike is what Q smears over the first cell, a cost that shrinks with
-the cell, so the search drifted to tiny ranges (T ~ 2.2 where MobileNetV2's post-ReLU6 activations reach
-6; top-1 agreement 42%). For one-sided data (histogram starting at 0) the first bin is left out of P and Q.
+the cell, so the search drifts to tiny ranges. For one-sided data (histogram starting at 0) the first
+bin is left out of P and Q.
 Integer formats only (KL needs the uniform grid); float/codebook formats: use ``mse``.
 """
 

@@ -29,7 +29,7 @@ from lowbit.observers.histogram import Histogram
 
 Tensor = torch.Tensor
 # candidate x bin elements per cost call: below torch's parallel grain (32768), so each op runs on one
-# thread; a 2-core machine with a busy core otherwise waits ~10 ms per op on its thread barrier
+# thread; a 2-core machine with a busy core otherwise stalls on the thread barrier of every op
 CHUNK = 1 << 15
 CELLS = 256  # codes of the widest integer grid (8 bits): kl's per-cell temporaries
 

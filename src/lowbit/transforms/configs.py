@@ -174,15 +174,15 @@ class WeightOnly(QuantConfig):
     embeddings and the LM head use RTN (``hqq`` uses HQQ everywhere). damp: GPTQ dampening, a
     fraction of mean diag(H). act_order: GPTQ quantizes columns by descending diag(H) (group qparams
     then come from the original weight). mse_clip: GPTQ shrinks each group's range (1.0 .. 0.7 of
-    min/max) to the least squared error before rounding (SmolLM2 w4g128, linears only: ppl 27.0 ->
-    24.8). awq_grid: AWQ search points (scales and clipping). true_sequential: GPTQ takes each Linear's
-    Hessian from the block quantized up to it (``lowbit.transforms.block``), not from the float block;
-    off by default: SmolLM2 w3g64, 64 x 512 calibration, ppl 34.30 with it, 34.00 without, 1.8x slower.
+    min/max) to the least squared error before rounding, which lowers perplexity. awq_grid: AWQ search
+    points (scales and clipping). true_sequential: GPTQ takes each Linear's Hessian from the block
+    quantized up to it (``lowbit.transforms.block``), not from the float block; off by default: slower,
+    and it does not lower perplexity.
     compute_dtype: matmul dtype of the calibration forwards (Hessians from the same inputs, summed in
     float32; weights rounded in float32): "bfloat16" (autocast), "float32", or "auto" = bfloat16
     where the hardware has native bf16 matmuls (CPUs with AMX or AVX512-BF16, CUDA GPUs that support
-    it), else float32 (``lowbit.transforms.block.compute_dtype``). SmolLM2 w4g64 GPTQ, 64 x 512
-    calibration, 2-core AMX CPU: 89 s -> 40 s, ppl 24.12 -> 23.97.
+    it), else float32 (``lowbit.transforms.block.compute_dtype``). Native bf16 calibration is faster,
+    at no cost in perplexity.
     train_epochs, train_lr, train_qparam_lr, train_batch (method ``qat``): passes over the calibration
     samples per block, peak AdamW learning rates of the latent weights and of the log scales / zero
     points (cosine decay), calibration samples per step (``lowbit.transforms.block_train``).
@@ -365,10 +365,7 @@ class StaticW8A8(QuantConfig):
     model with observers attached (``lowbit.observers``).
 
     observer: activation observer, "minmax" | "moving_average" | "percentile" | "kl" | "mse". The default,
-        "mse", is the best or close to it on every bundled model (``make bench-static``: MNIST CNN 99.29%
-        vs 99.31 best, Fashion-MNIST CNN 90.97 vs 91.03, MobileNetV2 photo agreement 92.08 vs 92.92 with
-        "percentile", MiniLM embedding cosine 0.9936, the best, where "percentile" gives 0.919 and
-        "minmax" 0.9925, MobileNetV2 87.50).
+        "mse", is the best or close to it on every bundled model (``make bench-static``).
     percentile: for observer="percentile", the kept percentile (e.g. 99.99).
     weight_observer: "minmax" (absmax per channel) or "mse" (clipping searched per channel).
     activation_format: "uint8" (asymmetric, ONNX Runtime's default) or "int8" (symmetric).

@@ -161,7 +161,7 @@ def _call(model: nn.Module, batch) -> None:
 
 def regroup(batches: list, tokens: int = CHUNK_TOKENS) -> list[tuple[object, str]]:
     """``(batch, label)``: consecutive token tensors of equal shape ``(b, L)`` stacked into ``(k * b, L)``
-    batches of at most ``tokens`` tokens (one forward each: 3x faster than ``(1, 512)`` at a time on
+    batches of at most ``tokens`` tokens (one forward each: faster than ``(1, 512)`` at a time on
     CPU; 2048 tokens run as fast as 4096 and halve the MLP's activations, 4 x 2048 x 4864 floats for
     Qwen2.5-0.5B); other batches (mappings with attention masks, tuples) as they are. ``label`` names the
     original batch indices for errors ("3" or "0-7")."""
