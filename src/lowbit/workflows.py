@@ -21,8 +21,6 @@ from lowbit.transforms import Int8Dynamic, SmoothQuant, StaticW8A8, WeightOnly, 
 from lowbit.transforms.comm import SOLO
 from lowbit.transforms.quantize import check_distributed
 
-VISION_TASKS = ("mnist", "fashion-mnist", "photos")
-TASKS = ("wiki-ppl", *VISION_TASKS)
 CALIB_SOURCES = ("photos", "mnist", "fashion-mnist", "sentences", "wiki")
 
 
@@ -45,7 +43,13 @@ def load_any(ref: str | os.PathLike, progress: bool = True, verify: bool = True)
 
 
 def _calib_source(spec: str) -> tuple[str, int, int | None]:
-    """``(source, N, L)`` of ``SOURCE:N`` (L None) or ``wiki:NxL``; ``LowbitError`` otherwise."""
+    """``(source, N, L)`` of ``SOURCE:N`` (L None) or ``wiki:NxL``; ``("user", 0, None)`` for the user's
+    own files (``lowbit.data.user``, checked); ``LowbitError`` otherwise."""
+    from lowbit.data import user
+
+    if user.is_user_spec(spec):
+        user.parse(spec)
+        return "user", 0, None
     source, _, count = spec.partition(":")
     n, _, length = count.partition("x") if source == "wiki" else (count, "", "")
     ok = source in CALIB_SOURCES and n.isdigit() and int(n) >= 1
@@ -58,12 +62,21 @@ def _calib_source(spec: str) -> tuple[str, int, int | None]:
     return source, int(n), int(length) if length else None
 
 
-def calibration_batches(spec: str, tokenizer=None, batch_size: int = 32) -> list:
+def calibration_batches(
+    spec: str, tokenizer=None, batch_size: int = 32, model: nn.Module | None = None
+) -> list:
     """Batches for ``--calib SOURCE:N`` (N samples): ``photos`` (scikit-image crops, 224x224),
     ``mnist`` / ``fashion-mnist`` (training images), ``sentences`` (Lee corpus, tokenized, max 128 tokens);
     ``wiki:NxL``: N LongTensors (1, L) from the Wikipedia calibration text (``calib_batches``; fewer,
-    with a warning, if the text is shorter). Every source is disjoint from the data lowbit evaluates on."""
+    with a warning, if the text is shorter). Every source is disjoint from the data lowbit evaluates on.
+    The user's own files (``text:``, ``jsonl:``, ``images:``, ``tensors:``; ``lowbit.data.user``) are read
+    for ``model`` (images: its input size and normalisation)."""
     source, n, length = _calib_source(spec)
+    if source == "user":
+        from lowbit.data.user import calibration
+        from lowbit.models.vision import preprocess_of
+
+        return calibration(spec, tokenizer, None if model is None else preprocess_of(model), batch_size)
     if source == "wiki":
         from lowbit.data import calib_batches
 
@@ -165,6 +178,8 @@ def _train_and_save(ref, scheme, out, calib, selection, overwrite, progress, tra
             "models) or wiki:64x512 (block-wise training of a language model)"
         )
     source, n, _ = _calib_source(calib)
+    if source == "user":
+        raise LowbitError("--method qat trains on the bundled data sets (mnist:N, fashion-mnist:N, photos:N)")
     train = {k: v for k, v in (train or {}).items() if v is not None}
     if train.pop("epochs", None) is not None:
         raise LowbitError("--epochs applies to block-wise training of a language model (--calib wiki:NxL)")
@@ -237,7 +252,7 @@ def _quantize_and_save(
         )
     else:
         model, tok = load_any(ref, progress and rank == 0)
-        batches = calibration_batches(calib, tok) if calib else None
+        batches = calibration_batches(calib, tok, model=model) if calib else None
         t0 = time.perf_counter()
         summary = quantize_(
             model, config, batches, include=include, exclude=exclude, progress=progress, comm=comm
@@ -285,62 +300,6 @@ def _quantize_streaming(ref, config, out, calib, include, exclude, overwrite, pr
     opts = {"include": include, "exclude": exclude, "overwrite": overwrite, "progress": progress}
     summary = quantize_folder(folder, config, out, batches, **opts, comm=comm)
     return summary, time.perf_counter() - t0
-
-
-def evaluate(
-    ref: str | os.PathLike,
-    task: str = "wiki-ppl",
-    *,
-    n_tokens: int = 8192,
-    window: int = 512,
-    progress: bool = True,
-    verify: bool = True,
-) -> dict:
-    """Run ``task`` on model ``ref``; returns a JSON-ready dict. ``verify``: see ``load_any``."""
-    if task not in TASKS:
-        raise LowbitError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
-    if task in VISION_TASKS:
-        return _evaluate_vision(ref, task, progress, verify)
-    from lowbit.data import eval_tokens
-    from lowbit.eval.perplexity import perplexity
-
-    model, tok = load_any(ref, progress, verify)
-    t0 = time.perf_counter()
-    ppl = perplexity(model, eval_tokens(tok, n_tokens), window=window, progress=progress)
-    return {
-        "model": str(ref),
-        "task": task,
-        "perplexity": ppl,
-        "tokens": n_tokens,
-        "window": window,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-
-
-def _evaluate_vision(ref, task: str, progress: bool, verify: bool) -> dict:
-    """Top-1 accuracy on the test split (``mnist``, ``fashion-mnist``), or top-1 agreement with the float
-    model on the 480 evaluation photo crops (``photos``; the float model from the checkpoint's source)."""
-    from lowbit import models
-    from lowbit.data import vision
-    from lowbit.eval.accuracy import accuracy, agreement, predict
-
-    model, tok = load_any(ref, progress, verify)
-    if tok is not None:
-        raise LowbitError(f"--task {task} evaluates image classifiers; {ref} is a language model")
-    t0 = time.perf_counter()
-    try:
-        if task == "photos":
-            images = vision.photo_crops("eval")
-            source = getattr(model, "lowbit_source", None) or str(ref)
-            reference = predict(models.load(source, progress=progress)[0], images)
-            result = {"accuracy": agreement(model, reference, images), "reference": f"{source} (float)"}
-        else:
-            images, labels = vision.DATASETS[task]("test")
-            result = {"accuracy": accuracy(model, images, labels), "reference": "labels"}
-    except RuntimeError as e:
-        raise LowbitError(f"{ref} does not take {task} images: {str(e).splitlines()[0][:160]}") from None
-    seconds = round(time.perf_counter() - t0, 2)
-    return {"model": str(ref), "task": task, **result, "images": len(images), "seconds": seconds}
 
 
 @dataclass

@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--calib",
         help="calibration data: wiki:NxL (N samples of L tokens of Wikipedia, e.g. wiki:128x512; for "
-        "language models) or SOURCE:N with SOURCE photos, mnist, fashion-mnist, sentences",
+        "language models) or SOURCE:N with SOURCE photos, mnist, fashion-mnist, sentences; your own: "
+        "text:FILE[:NxL], jsonl:FILE:FIELD[:NxL], images:DIR[:N] (JPEG/PNG, preprocessed as the model's "
+        "inputs), tensors:FILE.safetensors (each tensor one batch)",
     )
     q.add_argument(
         "--streaming",
@@ -82,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         "--task",
         default="wiki-ppl",
         help="wiki-ppl: perplexity on held-out Wikipedia; mnist, fashion-mnist: top-1 accuracy on the test "
-        "split; photos: top-1 agreement with the float model on 480 photo crops",
+        "split; photos: top-1 agreement with the float model on 480 photo crops; ppl:FILE: perplexity on "
+        "your text; accuracy:DIR: top-1 accuracy on your images, one folder per class (DIR/<class index>/)",
     )
     e.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
     e.add_argument("--window", type=int, default=512, help="context window in tokens (default 512)")
@@ -274,7 +277,9 @@ def _run(args: argparse.Namespace) -> dict:
             rounds=args.rounds,
             progress=not args.quiet,
         )
-    return workflows.evaluate(
+    from lowbit.tasks import evaluate
+
+    return evaluate(
         args.model,
         args.task,
         n_tokens=args.tokens,

@@ -321,3 +321,20 @@ def load_vision(name: str) -> nn.Module:
     if name not in VISION_MODELS:
         raise LowbitError(f"unknown vision model {name!r}; known: {', '.join(VISION_MODELS)}")
     return VISION_MODELS[name].load()
+
+
+def preprocess_of(model: nn.Module):
+    """How images from files become inputs of a bundled vision ``model`` (``lowbit.data.user.Preprocess``,
+    by its ``lowbit_source``), or None for other models."""
+    from lowbit.data import vision
+    from lowbit.data.user import Preprocess
+
+    spec = VISION_MODELS.get(getattr(model, "lowbit_source", None) or "")
+    if spec is None:
+        return None
+    c, size, _ = spec.input_shape
+    if spec.data == "photos":
+        return Preprocess(c, size, vision.IMAGENET_MEAN, vision.IMAGENET_STD)
+    mean, std = (vision.MNIST_MEAN, vision.MNIST_STD) if spec.data == "mnist" else (
+        vision.FASHION_MEAN, vision.FASHION_STD)  # fmt: skip
+    return Preprocess(c, size, (mean,), (std,))
