@@ -458,14 +458,17 @@ def advise(
 
 
 def export(ref: str | os.PathLike, fmt: str, out: str | os.PathLike, *, overwrite: bool = False) -> dict:
-    """Write checkpoint (or float model) ``ref`` as ``fmt`` ("onnx": QDQ) to ``out``; returns stats."""
+    """Write checkpoint (or float model) ``ref`` as ``fmt`` ("onnx": QDQ; "gguf": llama.cpp blocks,
+    ``lowbit.export.gguf``) to ``out``; returns stats."""
     from lowbit.export.onnx import example_from_spec, export_onnx
 
-    if fmt != "onnx":
-        raise LowbitError(f"unknown export format {fmt!r}; available: onnx")
+    if fmt not in ("onnx", "gguf"):
+        raise LowbitError(f"unknown export format {fmt!r}; available: onnx, gguf")
     if Path(out).exists() and not overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
     model, _ = load_any(ref, progress=False)
+    if fmt == "gguf":
+        return _export_gguf(model, ref, out)
     spec = getattr(model, "lowbit_inputs", None)
     if not spec:
         raise LowbitError(f"{ref}: no recorded input shapes (quantize it with calibration data first)")
@@ -473,3 +476,24 @@ def export(ref: str | os.PathLike, fmt: str, out: str | os.PathLike, *, overwrit
     path = export_onnx(model, example_from_spec(spec), out, overwrite=overwrite)
     return {"model": str(ref), "format": fmt, "out": str(path), "bytes": path.stat().st_size,
             "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+
+
+def _export_gguf(model, ref, out) -> dict:
+    """GGUF with the metadata and tokenizer of the GGUF file the checkpoint's float model came from."""
+    from lowbit.export.gguf import export_gguf
+    from lowbit.models.registry import BUNDLED, bundled_gguf
+
+    source = getattr(model, "lowbit_source", None) or ""
+    if source in BUNDLED and not BUNDLED[source].split:
+        gguf_file = bundled_gguf(source)
+    elif source.endswith(".gguf") and Path(source).is_file():
+        gguf_file = Path(source)
+    else:
+        raise LowbitError(
+            f"{ref}: GGUF export copies the tokenizer and metadata of the GGUF file the float model was "
+            f"read from; its source {source or '(none)'} is not one (quantize a bundled GGUF model or a "
+            ".gguf file)"
+        )
+    t0 = time.perf_counter()
+    stats = export_gguf(model, gguf_file, out)
+    return {"model": str(ref), "format": "gguf", **stats, "seconds": round(time.perf_counter() - t0, 2)}

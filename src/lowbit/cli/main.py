@@ -72,9 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, help="--method qat with --calib wiki:NxL: passes per decoder block")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
-    x = sub.add_parser("export", help="export a checkpoint for another runtime (ONNX QDQ)")
+    x = sub.add_parser("export", help="export a checkpoint for another runtime (ONNX QDQ, GGUF)")
     x.add_argument("model", help="lowbit checkpoint folder")
-    x.add_argument("--format", default="onnx", help="onnx (QDQ, runs in ONNX Runtime)")
+    x.add_argument(
+        "--format",
+        default="onnx",
+        help="onnx (QDQ, runs in ONNX Runtime); gguf (llama.cpp: Q8_0 from w8g32-sym, "
+        "Q4_0 from w4g32-sym, Q4_1 from w4g32; Llama-family models read from a GGUF file)",
+    )
     x.add_argument("--out", required=True, help="output file (written atomically)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     x.add_argument("--json", action="store_true", help="print the result as JSON")
