@@ -14,7 +14,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
 .PHONY: venv fashion-mnist qwen bench-venv demo browser report-screenshot test test-fast lint format bench bench-quality bench-speed \
-	bench-static bench-gptq bench-dist bench-qat bench-mixed bench-energy clean
+	bench-static bench-gptq bench-dist bench-qat bench-mixed bench-energy bench-gguf clean
 
 venv: $(STAMP)
 
@@ -107,6 +107,11 @@ bench-mixed: $(STAMP) $(BENCH_STAMP)
 # Per-class audits of the bundled CNNs (static W8A8/W4A8 vs fp32) and energy estimates per inference (~5 min).
 bench-energy: $(STAMP)
 	$(PY) benchmarks/energy_audit.py
+
+# lowbit's GGUF Q4_0 against llama.cpp's Q4_0 and imatrix Q4_0, by llama.cpp's llama-perplexity; builds
+# llama.cpp from the llama-cpp-python sdist into out/gguf-bench (cmake, ninja; ~15 min the first time).
+bench-gguf: $(BENCH_STAMP)
+	$(BENCH_PY) benchmarks/gguf_llamacpp.py
 
 bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py

@@ -21,6 +21,7 @@ tokenizer are copied from the GGUF file the float model was read from (a bundled
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,8 @@ def export_gguf(model: nn.Module, source_gguf: str | os.PathLike, out: str | os.
         raise LowbitError("GGUF export covers Llama-family decoders (model_type llama)")
     reader = gguf.GGUFReader(str(source_gguf))
     tensors = _tensors(model)
-    kinds = sorted({k for _, _, k in tensors if k})
+    counts = Counter(k for _, _, k in tensors if k)
+    kinds = sorted(counts)
     writer = gguf.GGUFWriter(None, "llama")
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
@@ -139,7 +141,7 @@ def export_gguf(model: nn.Module, source_gguf: str | os.PathLike, out: str | os.
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
-    writer.add_file_type(FILE_TYPES[kinds[-1]] if kinds else 0)
+    writer.add_file_type(FILE_TYPES[counts.most_common(1)[0][0]] if counts else 0)  # the main type
     for name, data, kind in tensors:
         raw = getattr(gguf.GGMLQuantizationType, kind) if kind else None
         writer.add_tensor(name, data, raw_dtype=raw)  # shape from the block bytes per row
