@@ -136,6 +136,10 @@ def test_parse_scheme_embedding_override():
     c = parse_scheme("w4g128e8")
     assert (c.bits, c.group_size, c.embedding_bits, c.embedding_group_size) == (4, 128, 8, 0)
     assert isinstance(c.embedding_spec().granularity, PerChannel)
+    c = parse_scheme("w4g32e8g32-sym")  # a GGUF Q4_0 file: Q4_0 Linears, Q8_0 embeddings
+    assert (c.bits, c.group_size, c.symmetric) == (4, 32, True)
+    assert (c.embedding_bits, c.embedding_group_size) == (8, 32)
+    assert c.embedding_spec().granularity.size == 32 and c.embedding_spec().format == "int8"
 
 
 @pytest.mark.parametrize(

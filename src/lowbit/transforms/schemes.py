@@ -1,4 +1,4 @@
-"""Scheme strings for the CLI and reports: ``w{bits}[g{group}][e{bits}][-sym|-asym]``.
+"""Scheme strings for the CLI and reports: ``w{bits}[g{group}][e{bits}[g{group}]][-sym|-asym]``.
 
 | scheme       | meaning                                                           |
 |--------------|-------------------------------------------------------------------|
@@ -6,6 +6,7 @@
 | `w4g128`     | uint4 asymmetric, groups of 128 along the input dimension         |
 | `w4g64-sym`  | int4 symmetric, groups of 64                                      |
 | `w4g128e8`   | as w4g128, but embedding tables (and a tied LM head) 8-bit per row |
+| `w4g32e8g32-sym` | int4 sym. in groups of 32, embeddings int8 sym. in groups of 32 (a GGUF Q4_0 file) |
 | `w8a8`       | ``Int8Dynamic()``: int8 weights per channel, int8 activations per token |
 | `w8a8-static`| ``StaticW8A8()``: activation ranges fixed by calibration (needs data) |
 | `w4a8-static`| ``StaticW8A8(weight_bits=4)``: int4 per-channel weights (any of 2..8)  |
@@ -45,7 +46,9 @@ from lowbit.transforms.configs import (
 MAX_GROUP = 1 << 20
 STATIC_ROUNDINGS = ("adaround", "brecq")
 _STATIC = re.compile(r"w(?P<bits>\d)a8-static")
-_SCHEME = re.compile(r"w(?P<bits>\d)(?:g(?P<group>\d+))?(?:e(?P<emb>\d))?(?P<sym>-sym|-asym)?")
+_SCHEME = re.compile(
+    r"w(?P<bits>\d)(?:g(?P<group>\d+))?(?:e(?P<emb>\d)(?:g(?P<egroup>\d+))?)?(?P<sym>-sym|-asym)?"
+)
 
 
 def parse_scheme(scheme: str, method: str | None = None) -> QuantConfig:
@@ -104,16 +107,17 @@ def _parse(scheme: str) -> QuantConfig:
     m = _SCHEME.fullmatch(scheme.strip().lower())
     if not m:
         raise LowbitError(
-            f"unknown scheme {scheme!r}; expected w<bits>[g<group>][e<bits>][-sym|-asym], w8a8, "
+            f"unknown scheme {scheme!r}; expected w<bits>[g<group>][e<bits>[g<group>]][-sym|-asym], w8a8, "
             "w8a8-static, nf4|fp4|fp8|log2|ternary[g<group>] or kmeans2..kmeans4, e.g. w8, w4g128, nf4g64"
         )
     bits = int(m["bits"])
     group = int(m["group"]) if m["group"] else None
     if not 2 <= bits <= 8 or (m["emb"] and not 2 <= int(m["emb"]) <= 8):
         raise LowbitError(f"scheme {scheme!r}: bit widths must be 2..8")
-    if group is not None and not 1 <= group <= MAX_GROUP:
+    egroup = int(m["egroup"]) if m["egroup"] else 0  # 0: one scale per embedding row
+    if (group is not None and not 1 <= group <= MAX_GROUP) or not 0 <= egroup <= MAX_GROUP:
         raise LowbitError(f"scheme {scheme!r}: group size must be 1..{MAX_GROUP}")
     symmetric = m["sym"] == "-sym" if m["sym"] else bits == 8
     if m["emb"]:
-        return WeightOnly(bits, group, symmetric, embedding_bits=int(m["emb"]), embedding_group_size=0)
+        return WeightOnly(bits, group, symmetric, embedding_bits=int(m["emb"]), embedding_group_size=egroup)
     return WeightOnly(bits=bits, group_size=group, symmetric=symmetric)
