@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import time
 
-import torch
-
 from lowbit.core.errors import LowbitError
 from lowbit.workflows import load_any
 
@@ -52,12 +50,12 @@ def evaluate(
 def _user_tokens(tok, path: str, n_tokens: int, window: int):
     """The first ``n_tokens`` tokens of text file ``path`` (at least one window)."""
     from lowbit.data import user
+    from lowbit.data.tokens import tokenize
 
-    text = user.read_text(user.parse(f"text:{path}").path)
-    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][:n_tokens]
+    ids = tokenize(tok, [user.read_text(user.parse(f"text:{path}").path)])[:n_tokens]
     if len(ids) < window:
         raise LowbitError(f"{path}: {len(ids)} tokens, fewer than one window of {window}")
-    return torch.tensor(ids, dtype=torch.long)
+    return ids
 
 
 def _user_images(model, folder: str, ref):

@@ -321,6 +321,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` through a temp file renamed into place; an existing ``path`` is
     replaced only if ``overwrite`` (else ``LowbitError``). An interrupted write leaves ``path`` as it was."""
+    with atomic_file(path, overwrite) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp file beside ``path`` for the caller to write (by name, e.g. a library that opens it
+    itself); on success it is fsynced and renamed to ``path``, on error removed. ``overwrite`` as in
+    ``atomic_write_bytes``."""
     path = Path(path)
     recover(path)
     if path.exists() and (not overwrite or path.is_dir()):
@@ -334,8 +343,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)

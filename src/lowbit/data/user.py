@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lowbit.core.errors import LowbitError
+from lowbit.data.tokens import tokenize
 
 KINDS = ("text", "jsonl", "images", "tensors")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -119,9 +120,7 @@ def jsonl_text(path: Path, field: str) -> str:
 def text_samples(tokenizer, text: str, n: int, length: int, where: str) -> list[torch.Tensor]:
     """The first ``n`` windows of ``length`` tokens of ``text``, LongTensors (1, length); fewer, with a
     warning, if the text is shorter; ``LowbitError`` if it holds not even one."""
-    ids = torch.tensor(
-        tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long
-    )
+    ids = tokenize(tokenizer, [text])
     have = ids.numel() // length
     if have == 0:
         raise LowbitError(f"{where}: {ids.numel()} tokens, fewer than one sample of {length}")

@@ -153,14 +153,17 @@ def _holm(p: Tensor) -> Tensor:
     return adjusted
 
 
+def percentile_interval(x: Tensor, low: float = 0.025, high: float = 0.975) -> tuple[float, float]:
+    """The ``low`` and ``high`` quantiles of bootstrap statistics ``x`` ``(B,)`` (float64): a percentile
+    interval, 95% by default."""
+    lo, hi = torch.quantile(x.double(), torch.tensor([low, high], dtype=torch.float64)).tolist()
+    return (lo, hi)
+
+
 def _summary(name, ref, q, excess, p, flagged, bootstrap, gen) -> GroupAudit:
     n = len(ref)
     idx = torch.randint(0, n, (bootstrap, n), generator=gen)
     r, qq = ref[idx].mean(1), q[idx].mean(1)
-
-    def ci(x: Tensor) -> tuple[float, float]:
-        lo, hi = torch.quantile(x, torch.tensor([0.025, 0.975], dtype=x.dtype)).tolist()
-        return (lo, hi)
-
+    ci = percentile_interval
     return GroupAudit(name, n, float(ref.mean()), ci(r), float(q.mean()), ci(qq), float((ref - q).mean()),
                       ci(r - qq), excess, p, flagged)  # fmt: skip

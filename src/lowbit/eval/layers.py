@@ -80,11 +80,7 @@ def sqnr_db(signal_sq: float, noise_sq: float) -> float:
 
 
 def _format(m: QuantizedWeightModule) -> str:
-    spec = m.spec
-    g = spec.granularity
-    gran = f"g{g.size}" if hasattr(g, "size") else g.kind
-    act = " a8" if isinstance(m, StaticActivations) else ""
-    return f"{spec.format} {gran} {'sym' if spec.symmetric else 'asym'}{act}"
+    return m.format_label() + (" a8" if isinstance(m, StaticActivations) else "")
 
 
 def _needs_basis(config: dict | None) -> bool:

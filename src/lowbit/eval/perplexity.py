@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.core.errors import LowbitError
+from lowbit.eval.audit import percentile_interval
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -104,5 +105,4 @@ def perplexity_interval(
     idx = torch.randint(0, len(nlls), (bootstrap, len(nlls)), generator=gen)
     ppl = torch.exp(nlls.double()[idx].mean(1) / (window - 1))
     tail = (1.0 - level) / 2
-    lo, hi = torch.quantile(ppl, torch.tensor([tail, 1.0 - tail], dtype=ppl.dtype)).tolist()
-    return (lo, hi)
+    return percentile_interval(ppl, tail, 1.0 - tail)

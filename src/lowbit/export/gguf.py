@@ -30,7 +30,7 @@ from torch import nn
 
 from lowbit.core.codec import decode
 from lowbit.core.errors import LowbitError
-from lowbit.core.fsio import atomic_write_bytes
+from lowbit.core.fsio import atomic_file
 from lowbit.nn.modules import QuantizedWeightModule
 
 BLOCK = 32
@@ -149,14 +149,9 @@ def export_gguf(model: nn.Module, source_gguf: str | os.PathLike, out: str | os.
 
 
 def _write(writer, out: Path, n: int, kinds: list[str]) -> dict:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        path = Path(tmp) / "model.gguf"
-        writer.write_header_to_file(path)
+    with atomic_file(out) as tmp:  # the writer streams to the temp file; no copy in memory
+        writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        data = path.read_bytes()
-    atomic_write_bytes(out, data, overwrite=True)
-    return {"out": str(out), "tensors": n, "types": kinds, "bytes": len(data)}
+    return {"out": str(out), "tensors": n, "types": kinds, "bytes": out.stat().st_size}

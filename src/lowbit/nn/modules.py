@@ -145,11 +145,14 @@ class QuantizedWeightModule(QuantizedModule):
         """What ``from_entry`` needs to rebuild an empty module of this shape (saved in quant_config.json)."""
         return {"type": type(self).__name__, "spec": self.spec.to_dict(), "dtype": str(self.dtype)[6:]}
 
-    def extra_repr(self) -> str:
+    def format_label(self) -> str:
+        """The weight format in words: format, granularity, symmetry, e.g. "uint4 g128 asym"."""
         g = self.spec.granularity
         gran = f"g{g.size}" if isinstance(g, PerGroup) else g.kind
-        sym = "sym" if self.spec.symmetric else "asym"
-        return f"{self.rows}x{self.cols}, {self.spec.format} {gran} {sym}, scale {self.spec.scale_dtype}"
+        return f"{self.spec.format} {gran} {'sym' if self.spec.symmetric else 'asym'}"
+
+    def extra_repr(self) -> str:
+        return f"{self.rows}x{self.cols}, {self.format_label()}, scale {self.spec.scale_dtype}"
 
 
 @register_qmodule(nn.Linear)

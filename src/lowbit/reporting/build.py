@@ -24,16 +24,14 @@ from lowbit.nn.modules import QuantizedModule
 from lowbit.reporting import measure
 from lowbit.reporting.data import EvalData, check_fits, default_spec, read_data
 
-FILES = ("report.html", "report.json", "MODEL_CARD.md")
-
 
 def is_report(folder: Path) -> bool:
     """Whether ``folder`` holds a lowbit report (what ``overwrite`` may replace)."""
     return (folder / "report.json").is_file()
 
 
-def _load_models(ref, baseline, scheme, progress):
-    """(quantized, baseline or None, tokenizer, baseline name or None, notes)."""
+def load_models(ref, baseline, scheme, progress):
+    """(quantized, baseline or None, tokenizer, baseline name or None, notes) for ``report``/``debug``."""
     from lowbit.transforms import parse_scheme, quantize_
     from lowbit.workflows import load_any
 
@@ -158,7 +156,7 @@ def report(
     groups samples by ``group_by`` (article, class, photo; default the data's first) or by the user's
     ``groups`` CSV (``lowbit.data.groups.read_groups``)."""
     check_target(out, overwrite, replaceable=is_report)
-    model, base, tok, base_name, missing = _load_models(ref, baseline, scheme, progress)
+    model, base, tok, base_name, missing = load_models(ref, baseline, scheme, progress)
     data_set = read_data(data or default_spec(model, tok), tok, model)
     check_fits(model, data_set)
     grouping = _groups(data_set, groups, group_by)

@@ -77,9 +77,9 @@ def debug(
         return _debug_onnx(ref, float_onnx, data, threshold)
     from lowbit.eval.layers import first_below, layer_errors, worst
     from lowbit.eval.ranges import activation_ranges
-    from lowbit.reporting.build import _load_models
+    from lowbit.reporting.build import load_models
 
-    model, base, tok, _, _ = _load_models(ref, baseline, None, progress)
+    model, base, tok, _, _ = load_models(ref, baseline, None, progress)
     if base is None:
         raise LowbitError(f"{ref} names no float model to compare with; pass --baseline MODEL")
     d = read_data(data or default_spec(model, tok), tok, model)

@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from lowbit.eval.audit import audit
+from lowbit.eval.audit import audit, percentile_interval
 from lowbit.eval.energy import count_operations, measured_energy_uj
 from lowbit.eval.layers import LayerError
 from lowbit.eval.size import size_components, tensor_bytes
@@ -24,13 +24,8 @@ BOOTSTRAP = 1000
 IMAGE_BATCH_ELEMENTS = 600_000  # input values per scoring batch (224x224 RGB: 3 images)
 
 
-def _interval(x: torch.Tensor) -> tuple[float, float]:
-    lo, hi = torch.quantile(x.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
-
-
 def _row(model: str, value: float, boot: torch.Tensor) -> dict:
-    lo, hi = _interval(boot)
+    lo, hi = percentile_interval(boot)
     return {"model": model, "value": value, "low": lo, "high": hi}
 
 
@@ -93,11 +88,11 @@ def quality(data: EvalData, base: torch.Tensor | None, quant: torch.Tensor) -> d
     out["rows"] = rows
     if base is not None:
         d = stat(quant) - stat(base)
-        lo, hi = _interval(d)
+        lo, hi = percentile_interval(d)
         out["delta"] = {"value": value(quant) - value(base), "low": lo, "high": hi}
     if base is not None and data.kind == "classifier":
         agree = (base == quant).double()
-        lo, hi = _interval(agree[idx].mean(1) * 100)
+        lo, hi = percentile_interval(agree[idx].mean(1) * 100)
         out["extra"] = [{"name": "top-1 agreement with the baseline (%)", "value": float(agree.mean()) * 100,
                          "low": lo, "high": hi}]  # fmt: skip
     return out
