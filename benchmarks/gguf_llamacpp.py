@@ -103,7 +103,7 @@ def lowbit_files(work: Path, calib: int) -> dict[str, Path]:
     w8g32-sym (Q8_0, as llama.cpp's Q4_0 keeps them), saved, reloaded and exported."""
     import lowbit
     from lowbit.data import calib_batches
-    from lowbit.workflows import export
+    from lowbit.exporting import export
 
     out = {}
     for method in ("gptq", "awq+gptq"):

@@ -24,6 +24,7 @@ RANK = {
     "training": 6.5,  # the QAT job (lowbit.qat + export), called by workflows
     "workflows": 7,
     "tasks": 7.2,  # lowbit eval's tasks, over workflows' loader
+    "exporting": 7.2,  # lowbit export: one writer per format, over workflows' loader
     "autotune": 7.5,  # mixed precision: plans over transforms, its CLI job over workflows
     "reporting": 7.5,  # lowbit report / debug: drivers over eval and workflows
     "cli": 8,

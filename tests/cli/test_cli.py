@@ -91,7 +91,7 @@ def test_quantize_then_eval_smollm2(capsys, tmp_path, smollm2):
             "bad --calib",
         ),
         (["export", "{tmp}/missing", "--out", "{tmp}/o"], "unknown model"),
-        (["export", "{tmp}/missing", "--format", "tflite", "--out", "{tmp}/o"], "unknown export format"),
+        (["export", "{tmp}/missing", "--format", "coreml", "--out", "{tmp}/o"], "unknown export format"),
     ],
     ids=["observer-needs-static", "unknown-calib-source", "zero-calib", "export-missing", "export-format"],
 )

@@ -72,13 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, help="--method qat with --calib wiki:NxL: passes per decoder block")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
-    x = sub.add_parser("export", help="export a checkpoint for another runtime (ONNX QDQ, GGUF)")
+    x = sub.add_parser(
+        "export", help="export a checkpoint for another runtime (ONNX QDQ, GGUF, compressed-tensors, TFLite)"
+    )
     x.add_argument("model", help="lowbit checkpoint folder")
     x.add_argument(
         "--format",
         default="onnx",
         help="onnx (QDQ, runs in ONNX Runtime); gguf (llama.cpp: Q8_0 from w8g32-sym, "
-        "Q4_0 from w4g32-sym, Q4_1 from w4g32; Llama-family models read from a GGUF file)",
+        "Q4_0 from w4g32-sym, Q4_1 from w4g32; Llama-family models read from a GGUF file); "
+        "compressed-tensors (a folder Hugging Face transformers and vLLM load: int4/int8 weight-only, "
+        "W8A8); tflite (static int8 CNNs, run by LiteRT)",
     )
     x.add_argument("--out", required=True, help="output file (written atomically)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -260,7 +264,9 @@ def _run(args: argparse.Namespace) -> dict:
         return debug(args.model, baseline=args.baseline, data=args.data, threshold=args.threshold,
                      float_onnx=args.float_onnx, progress=not args.quiet)  # fmt: skip
     if args.command == "export":
-        return workflows.export(args.model, args.format, args.out, overwrite=args.overwrite)
+        from lowbit.exporting import export
+
+        return export(args.model, args.format, args.out, overwrite=args.overwrite)
     if args.command == "bench":
         return workflows.bench(
             args.model,
