@@ -1,11 +1,11 @@
 """``lowbit export``: a checkpoint written for another runtime, one writer per format.
 
-| format               | writer                                   | read by                                   |
-|----------------------|------------------------------------------|-------------------------------------------|
-| ``onnx``             | ``lowbit.export.onnx`` (QDQ)             | ONNX Runtime                              |
-| ``gguf``             | ``lowbit.export.gguf`` (Q8_0/Q4_0/Q4_1)  | llama.cpp, transformers' GGUF loader      |
-| ``compressed-tensors`` | ``lowbit.export.compressed_tensors``   | transformers + compressed-tensors, vLLM   |
-| ``tflite``           | ``lowbit.export.tflite``                 | LiteRT (``ai-edge-litert``) interpreter   |
+| format                 | writer (``lowbit.export.``)     | read by                                |
+|------------------------|---------------------------------|----------------------------------------|
+| ``onnx``               | ``onnx`` (QDQ)                  | ONNX Runtime                           |
+| ``gguf``               | ``gguf`` (Q8_0/Q4_0/Q4_1)       | llama.cpp, transformers' GGUF loader   |
+| ``compressed-tensors`` | ``compressed_tensors``          | transformers + compressed-tensors, vLLM |
+| ``tflite``             | ``tflite``                      | LiteRT (``ai-edge-litert``) interpreter |
 
 Every writer checks that the format can hold the checkpoint before writing anything and writes its
 output atomically; a checkpoint it cannot hold is a ``LowbitError`` saying what would fit.

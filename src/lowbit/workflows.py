@@ -17,6 +17,7 @@ from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.export.checkpoint import QUANT_CONFIG, check_target, load, save
+from lowbit.export.peers import is_peer
 from lowbit.transforms import Int8Dynamic, SmoothQuant, StaticW8A8, WeightOnly, parse_scheme, quantize_
 from lowbit.transforms.comm import SOLO
 from lowbit.transforms.quantize import check_distributed
@@ -30,7 +31,7 @@ def load_any(ref: str | os.PathLike, progress: bool = True, verify: bool = True)
     from lowbit import models
 
     path = Path(ref)
-    if (path / QUANT_CONFIG).is_file():
+    if (path / QUANT_CONFIG).is_file() or is_peer(path):  # lowbit's or another tool's (GPTQ, AWQ)
         from transformers import AutoTokenizer
 
         tokenizer = (
@@ -455,4 +456,3 @@ def advise(
         "table": rows,
         "markdown": ea.format_table(rows, schemes),
     }
-

@@ -38,6 +38,7 @@ from torch import nn
 from lowbit.core import fsio
 from lowbit.core.errors import CheckpointError, LowbitError
 from lowbit.core.fsio import atomic_dir
+from lowbit.export.peers import is_peer, load_peer
 from lowbit.export.validate import check_meta, config_digest, tensor_digests
 from lowbit.nn.modules import QuantizedModule
 from lowbit.transforms.basis import PREFIX as BASIS_PREFIX
@@ -86,9 +87,25 @@ def write_quant_config(folder: Path, meta: dict, digests: dict[str, str] | None 
     (folder / QUANT_CONFIG).write_text(json.dumps(meta, indent=1))
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
+def save(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    format: str = "lowbit",
+) -> Path:
     """Write ``model`` (quantized or not) to ``out_dir`` atomically; returns the folder. An existing
-    ``out_dir`` is replaced only with ``overwrite`` and only if it is a lowbit checkpoint or empty."""
+    ``out_dir`` is replaced only with ``overwrite`` and only if it is a lowbit checkpoint or empty.
+    ``format``: "lowbit" (this module's layout) or "compressed-tensors" (a Hugging Face folder that
+    transformers and vLLM load, ``lowbit.export.compressed_tensors``)."""
+    if format == "compressed-tensors":
+        from lowbit.export.compressed_tensors import export_compressed_tensors
+
+        stats = export_compressed_tensors(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+        return Path(stats["out"])
+    if format != "lowbit":
+        raise LowbitError(f"unknown checkpoint format {format!r}; available: lowbit, compressed-tensors")
     modules = {fqn: m.config_entry() for fqn, m in model.named_modules() if isinstance(m, QuantizedModule)}
     tensors, aliases = dedupe_state(model.state_dict())
     basis = getattr(model, "lowbit_basis", None)
@@ -186,12 +203,17 @@ def _skeleton(folder: Path, source: str | None) -> nn.Module:
 
 
 def load(folder: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
-    """Rebuild a model saved by ``save``. ``model``: a float skeleton to load into (else from config.json).
+    """Rebuild a model saved by ``save``, or one quantized by GPTQ/AWQ tools (``lowbit.export.peers``).
+    ``model``: a float skeleton to load into (else from config.json).
     ``verify``: check the sha256 of the config and of every tensor (False skips that for speed; the
     structure, shape and qparam checks always run). Raises ``CheckpointError`` naming the problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if is_peer(folder):  # quantized by another tool (GPTQ, AWQ): repacked into lowbit's layers
+        model = load_peer(folder, model if model is not None else _skeleton(folder, None))
+        check_loaded(model, folder)
+        return model
     meta = read_quant_config(folder)
     if verify:
         _verify_config(meta, folder / QUANT_CONFIG)
