@@ -130,6 +130,21 @@ def perplexity(bins: Path, model: Path, text: Path, chunks: int, log: Path) -> d
     return {"ppl": float(m.group(1)), "ppl_stderr": float(m.group(2)), "bytes": model.stat().st_size}
 
 
+def speed(bins: Path, model: Path, threads: int, log: Path) -> dict:
+    """llama-bench's prefill (128-token prompt) and decode (64 tokens) tokens/s, mean over 5 repetitions;
+    weight repacking on (llama.cpp's default) unless it crashes, then off (recorded)."""
+    cmd = [bins / "llama-bench", "-m", model, "-p", "128", "-n", "64", "-t", threads, "-r", "5", "-o", "json"]
+    for repack in (1, 0):
+        try:
+            out = run([*cmd, "--repack", repack], log)
+        except RuntimeError:
+            continue
+        tests = json.loads(out[out.index("[") :])
+        rate = {("prefill" if t["n_prompt"] else "decode"): t["avg_ts"] for t in tests}
+        return {"threads": threads, "repack": bool(repack), **{f"{k}_tok_s": v for k, v in rate.items()}}
+    raise RuntimeError(f"llama-bench failed on {model}; see {log}")
+
+
 def markdown(rows: dict, args) -> str:
     lines = [
         "# SmolLM2-135M as GGUF, perplexity by llama.cpp's llama-perplexity",
@@ -141,11 +156,20 @@ def markdown(rows: dict, args) -> str:
         "SmolLM2's bundled weights already lie on a Q4_1 (asymmetric 4-bit, g32) grid: this flatters every "
         "4-bit row alike.",
         "",
-        "| file | size (MB) | perplexity (+/- stderr) |",
-        "|---|---:|---:|",
+        "Speed: `llama-bench -p 128 -n 64 -r 5` (mean tokens/s of 5 repetitions; weight repacking on unless "
+        "it crashed) at 1 and 2 threads, on an idle machine.",
+        "",
+        "| file | size (MB) | perplexity (+/- stderr) | prefill tok/s (1 / 2 threads) "
+        "| decode tok/s (1 / 2 threads) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.3f} +/- {r['ppl_stderr']:.3f} |")
+        sp = {s["threads"]: s for s in r.get("speed", [])}
+        pre = " / ".join(f"{sp[t]['prefill_tok_s']:.0f}" for t in sorted(sp)) or "-"
+        dec = " / ".join(f"{sp[t]['decode_tok_s']:.1f}" for t in sorted(sp)) or "-"
+        lines.append(
+            f"| {name} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.3f} +/- {r['ppl_stderr']:.3f} | {pre} | {dec} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -154,15 +178,22 @@ def main() -> int:
     p.add_argument("--work", default="out/gguf-bench", help="build and model folder (kept between runs)")
     p.add_argument("--chunks", type=int, default=60, help="llama-perplexity chunks of 512 tokens")
     p.add_argument("--calib", type=int, default=128, help="calibration samples of 512 tokens")
+    p.add_argument("--speed-only", action="store_true", help="keep the perplexities of the last results JSON")
     args = p.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     bins, src = build(work)
     ev, cal = texts(work, args.calib)
     files = llama_files(bins, src, work, cal, args.calib) | lowbit_files(work, args.calib)
-    rows = {
-        name: perplexity(bins, f, ev, args.chunks, work / f"ppl-{f.stem}.log") for name, f in files.items()
-    }
+    if args.speed_only:
+        rows = {
+            k: {**v, "speed": []}
+            for k, v in json.loads((RESULTS / "gguf_llamacpp.json").read_text())["rows"].items()
+        }
+    else:
+        rows = {n: perplexity(bins, f, ev, args.chunks, work / f"ppl-{f.stem}.log") for n, f in files.items()}
+    for name, f in files.items():  # after every perplexity run, so the timings see an idle machine
+        rows[name]["speed"] = [speed(bins, f, t, work / f"bench-{f.stem}-t{t}.log") for t in (1, 2)]
     record = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "llama.cpp": SDIST,
               "chunks": args.chunks, "calib": args.calib, "rows": rows}  # fmt: skip
     (RESULTS / "gguf_llamacpp.json").write_text(json.dumps(record, indent=1))

@@ -25,6 +25,7 @@ RANK = {
     "workflows": 7,
     "tasks": 7.2,  # lowbit eval's tasks, over workflows' loader
     "exporting": 7.2,  # lowbit export: one writer per format, over workflows' loader
+    "harness": 7.3,  # lm-eval's model adapter and local tasks, over workflows' loader and data
     "autotune": 7.5,  # mixed precision: plans over transforms, its CLI job over workflows
     "reporting": 7.5,  # lowbit report / debug: drivers over eval and workflows
     "cli": 8,

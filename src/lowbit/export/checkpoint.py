@@ -203,14 +203,15 @@ def _skeleton(folder: Path, source: str | None) -> nn.Module:
 
 
 def load(folder: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
-    """Rebuild a model saved by ``save``, or one quantized by GPTQ/AWQ tools (``lowbit.export.peers``).
+    """Rebuild a model saved by ``save``, or a folder quantized by GPTQ, AWQ or compressed-tensors tools
+    (``lowbit.export.peers``).
     ``model``: a float skeleton to load into (else from config.json).
     ``verify``: check the sha256 of the config and of every tensor (False skips that for speed; the
     structure, shape and qparam checks always run). Raises ``CheckpointError`` naming the problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
-    if is_peer(folder):  # quantized by another tool (GPTQ, AWQ): repacked into lowbit's layers
+    if is_peer(folder):  # quantized by another tool: repacked into lowbit's layers
         model = load_peer(folder, model if model is not None else _skeleton(folder, None))
         check_loaded(model, folder)
         return model
