@@ -14,7 +14,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.lowbit-bench-installed
 
 .PHONY: venv fashion-mnist qwen bench-venv demo browser report-screenshot test test-fast lint format bench bench-quality bench-speed \
-	bench-static bench-gptq bench-dist bench-qat bench-mixed bench-energy bench-gguf clean
+	bench-static bench-gptq bench-dist bench-qat bench-mixed bench-energy bench-gguf bench-peers bench-tflite bench-ct clean
 
 venv: $(STAMP)
 
@@ -82,6 +82,10 @@ bench-quality: $(STAMP)
 bench-static: $(STAMP)
 	$(PY) benchmarks/static_ptq.py
 
+# MobileNetV2 static int8 as TFLite (LiteRT's interpreter) vs lowbit's ONNX QDQ export; int8 vs fp32 TFLite speed.
+bench-tflite: $(STAMP)
+	$(PY) benchmarks/tflite_litert.py
+
 # Distributed GPTQ: 1 vs 2 gloo ranks of one thread each (torchrun), SmolLM2 and Qwen2.5-0.5B (~70 min).
 bench-dist: qwen
 	$(PY) benchmarks/distributed_gptq.py --models smollm2-135m --rounds 3
@@ -112,6 +116,18 @@ bench-energy: $(STAMP)
 # llama.cpp from the llama-cpp-python sdist into out/gguf-bench (cmake, ninja; ~15 min the first time).
 bench-gguf: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/gguf_llamacpp.py
+
+# GPTQ/AWQ folders packed by AutoGPTQ and AutoAWQ, loaded by lowbit.load, against the producers' own
+# dequantization (tiny random Llama; a few seconds); llm-compressor's SmolLM2 outputs (GPTQ w4g64, W8A8)
+# loaded by lowbit against llm-compressor's own model (~20 min).
+bench-peers: $(BENCH_STAMP)
+	$(BENCH_PY) benchmarks/peer_import_check.py
+	$(BENCH_PY) benchmarks/llmcompressor_import.py
+
+# compressed-tensors folders exported by lowbit, run by transformers: perplexity against lowbit's own
+# (SmolLM2 AWQ+GPTQ w4g64 asym and sym, W8A8; ~25 min the first time, checkpoints kept in out/ct-bench).
+bench-ct: $(STAMP)
+	$(PY) benchmarks/compressed_tensors_hf.py
 
 bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py

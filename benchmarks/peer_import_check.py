@@ -222,6 +222,8 @@ def main() -> int:
 
 def markdown(rows: list[dict], env: dict) -> str:
     out = [
+        "# GPTQ and AWQ checkpoints imported by lowbit\n",
+        "`make bench-peers` (`.venv-bench/bin/python benchmarks/peer_import_check.py`).\n",
         "Peer checkpoints packed by their producers, loaded by `lowbit.load`, against the producers' own "
         "dequantization: as they run it (float16) and with their scales cast to float32 (fp32 producer). "
         "\"lowbit in fp16\": lowbit's weights rounded to float16 against the producer's float16 ones. "
