@@ -27,6 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPES = ("gptq-w4g64", "gptq-w4g64-sym", "w8a8")
+NOTE = (
+    "Weights: lowbit's repacked Linears against llm-compressor's dequantization of the same layers. W8A8's "
+    "perplexities differ by the activation rule: llm-compressor quantizes each token symmetrically, lowbit's "
+    "imported QDynamicLinear asymmetrically (lowbit's own rule)."
+)
 
 
 def _recipe(name: str):
@@ -109,7 +114,7 @@ def main() -> int:
         "# llm-compressor's compressed-tensors output loaded by lowbit",
         "",
         "SmolLM2-135M; `.venv-bench/bin/python benchmarks/llmcompressor_import.py "
-        f"--samples {args.samples}` (llm-compressor {env['llmcompressor']}, "
+        f"{' '.join(sys.argv[1:])}` (llm-compressor {env['llmcompressor']}, "
         f"compressed-tensors {env['compressed_tensors']}); perplexity "
         f"on {args.tokens} held-out Wikipedia tokens, windows of 512.",
         "",
@@ -121,6 +126,7 @@ def main() -> int:
         f"{r['ppl_llmcompressor']:.4f} | {r['ppl_lowbit_import']:.4f} |"
         for r in rows
     ]
+    lines += ["", NOTE]
     (RESULTS / "llmcompressor_import.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
