@@ -157,7 +157,12 @@ def markdown(rows: dict, args) -> str:
         "4-bit row alike.",
         "",
         "Speed: `llama-bench -p 128 -n 64 -r 5` (mean tokens/s of 5 repetitions; weight repacking on unless "
-        "it crashed) at 1 and 2 threads, on an idle machine.",
+        "it crashed) at 1 and 2 threads, on an idle machine"
+        + (
+            " (`--speed-only`: timed again, perplexities kept from the run above)."
+            if args.speed_only
+            else "."
+        ),
         "",
         "| file | size (MB) | perplexity (+/- stderr) | prefill tok/s (1 / 2 threads) "
         "| decode tok/s (1 / 2 threads) |",
@@ -167,6 +172,7 @@ def markdown(rows: dict, args) -> str:
         sp = {s["threads"]: s for s in r.get("speed", [])}
         pre = " / ".join(f"{sp[t]['prefill_tok_s']:.0f}" for t in sorted(sp)) or "-"
         dec = " / ".join(f"{sp[t]['decode_tok_s']:.1f}" for t in sorted(sp)) or "-"
+        dec += " (repacking crashed: off)" if any(not x["repack"] for x in sp.values()) else ""
         lines.append(
             f"| {name} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.3f} +/- {r['ppl_stderr']:.3f} | {pre} | {dec} |"
         )
