@@ -141,3 +141,22 @@ def test_smollm2_perplexity_in_transformers_equals_lowbits(smollm2, tmp_path, ca
     tokens = eval_tokens(tok, 2048)
     ours, theirs = perplexity(q, tokens, window=512), perplexity(hf, tokens, window=512)
     assert abs(theirs / ours - 1) < 1e-3, (ours, theirs)  # the 0.1%; measured 1e-6
+
+
+def test_static_w8a8_loads_and_a_bias_the_architecture_lacks_is_refused(tmp_path):
+    calib = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    m = tiny_llama(hidden=64, intermediate=128)
+    lowbit.quantize_(m, lowbit.StaticW8A8(bias_correction=False), calib=calib)
+    export_compressed_tensors(m, tmp_path / "ct")
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    acts = qc["config_groups"]["group_0"]["input_activations"]
+    assert qc["format"] == "int-quantized" and acts["strategy"] == "tensor" and not acts["dynamic"]
+    ids = torch.tensor([[1, 5, 9, 2, 33, 17, 4, 60]])
+    with torch.no_grad():
+        a, b = _hf(tmp_path / "ct")(ids).logits, m(ids).logits
+    assert float((a - b).abs().max()) < 1e-4 * float(b.abs().max())  # measured 2e-7
+    m = tiny_llama(hidden=64, intermediate=128)
+    lowbit.quantize_(m, lowbit.StaticW8A8(), calib=calib)  # bias correction gives bias-free Linears a bias
+    with pytest.raises(LowbitError, match="bias its architecture does not have"):
+        export_compressed_tensors(m, tmp_path / "ct2")
+    assert not (tmp_path / "ct2").exists()

@@ -152,6 +152,20 @@ def _check_structure(model: nn.Module) -> None:
             )
 
 
+def _check_biases(model: nn.Module) -> None:
+    """A Linear with a bias its architecture lacks (static W8A8's bias correction adds one) would be
+    dropped by the readers, which build the model from config.json: ``LowbitError`` naming it."""
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    for fqn, m in model.named_modules():
+        if isinstance(m, QLinear) and m.bias is not None:
+            if getattr(skeleton.get_submodule(fqn), "bias", None) is None:
+                raise LowbitError(
+                    f"{fqn}: holds a bias its architecture does not have (added by bias correction), which "
+                    "transformers and vLLM would drop; quantize with StaticW8A8(bias_correction=False)"
+                )
+
+
 def quantization_config(model: nn.Module) -> tuple[dict, dict[str, str]]:
     """(compressed-tensors ``quantization_config``, {fqn: group name}) of ``model``'s quantized Linears."""
     linears = {fqn: m for fqn, m in model.named_modules() if isinstance(m, QLinear)}
@@ -229,6 +243,7 @@ def export_compressed_tensors(
 
     _check_structure(model)
     qconfig, formats = quantization_config(model)
+    _check_biases(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     tensors, floats = _state(model, formats, dtype)
     cfg = _hf_config(model, qconfig, tensors)
