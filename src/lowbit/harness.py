@@ -309,23 +309,15 @@ def jsonl_dataset(jsonl: str | None = None, **_metadata) -> dict:
     docstring), ``answer`` as the index of the right choice; ``LowbitError`` naming a bad line."""
     from datasets import Dataset
 
-    from lowbit.data.user import read_text
+    from lowbit.data.user import jsonl_lines
 
     if not jsonl:
         raise LowbitError("task lowbit_mc reads your questions: pass --metadata jsonl=FILE.jsonl")
-    path = Path(jsonl)
-    rows = [_mc_row(line, f"{path}, line {i}") for i, line in enumerate(read_text(path).splitlines(), 1)]
-    return {"test": Dataset.from_list([r for r in rows if r is not None])}
+    return {"test": Dataset.from_list([_mc_row(obj, where) for where, obj in jsonl_lines(Path(jsonl))])}
 
 
-def _mc_row(line: str, where: str) -> dict | None:
-    """One JSONL question, checked: ``{"question", "choices", "answer" (index)}``; None for a blank line."""
-    if not line.strip():
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise LowbitError(f"{where}: not JSON ({e.msg})") from None
+def _mc_row(obj: object, where: str) -> dict:
+    """One JSONL question, checked: ``{"question", "choices", "answer" (index)}``."""
     obj = obj if isinstance(obj, dict) else {}
     question, choices, answer = obj.get("question"), obj.get("choices"), obj.get("answer")
     if not isinstance(question, str) or not isinstance(choices, list) or len(choices) < 2:

@@ -100,19 +100,27 @@ def read_text(path: Path) -> str:
     return text
 
 
-def jsonl_text(path: Path, field: str) -> str:
-    """The string ``field`` of every JSON line of ``path`` joined by blank lines; blank lines skipped;
-    ``LowbitError`` naming the line for invalid JSON, a line that is not an object or lacks the field."""
-    texts = []
+def jsonl_lines(path: Path) -> list[tuple[str, object]]:
+    """``(where, value)`` of every non-blank line of JSONL file ``path`` (``where``: "PATH, line N", for
+    messages); ``LowbitError`` naming the line for invalid JSON (and ``read_text``'s)."""
+    values = []
     for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            values.append((f"{path}, line {i}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise LowbitError(f"{path}, line {i}: not JSON ({e.msg})") from None
+    return values
+
+
+def jsonl_text(path: Path, field: str) -> str:
+    """The string ``field`` of every JSON line of ``path`` joined by blank lines; blank lines skipped;
+    ``LowbitError`` naming the line for invalid JSON, a line that is not an object or lacks the field."""
+    texts = []
+    for where, obj in jsonl_lines(path):
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-            raise LowbitError(f"{path}, line {i}: no string field {field!r}")
+            raise LowbitError(f"{where}: no string field {field!r}")
         texts.append(obj[field])
     return "\n\n".join(texts)
 

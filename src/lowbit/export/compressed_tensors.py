@@ -32,6 +32,7 @@ from torch import nn
 from lowbit.core.codec import decode
 from lowbit.core.errors import LowbitError
 from lowbit.core.fsio import atomic_dir
+from lowbit.core.packing import pack
 from lowbit.core.spec import PerChannel, PerGroup, QuantSpec
 from lowbit.nn.modules import QEmbedding, QLinear, QuantizedModule, QuantizedWeightModule
 
@@ -90,16 +91,12 @@ def _signed(codes: torch.Tensor, bits: int, unsigned: bool) -> torch.Tensor:
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed ``bits``-bit codes ``q (rows, n)`` (int8) as compressed-tensors does: int32
     ``(rows, ceil(n * bits / 32))``, element ``i`` at bits ``bits * i`` of the row's little-endian stream,
-    stored as ``q + 2**(bits - 1)``."""
+    stored as ``q + 2**(bits - 1)``: lowbit's own bit stream (``lowbit.core.packing``) read as
+    little-endian words, as lowbit's codec assumes a little-endian host."""
     if bits not in (4, 8):
         raise LowbitError(f"compressed-tensors packing here covers 4 and 8 bits, not {bits}")
-    rows, n = q.shape
-    u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-    per_word = 32 // bits
-    u = torch.nn.functional.pad(u, (0, -n % per_word))
-    if bits == 4:
-        u = u[:, 0::2] | (u[:, 1::2] << 4)
-    return u.contiguous().view(torch.int32).reshape(rows, -1)
+    data = pack((q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8), bits)
+    return torch.nn.functional.pad(data, (0, -data.shape[-1] % 4)).contiguous().view(torch.int32)
 
 
 def _linear_tensors(fqn: str, m: QLinear, dtype: torch.dtype, fmt_name: str) -> dict[str, torch.Tensor]:
@@ -167,7 +164,7 @@ def _check_biases(model: nn.Module) -> None:
 
 
 def quantization_config(model: nn.Module) -> tuple[dict, dict[str, str]]:
-    """(compressed-tensors ``quantization_config``, {fqn: group name}) of ``model``'s quantized Linears."""
+    """(compressed-tensors ``quantization_config``, {fqn: its format}) of ``model``'s quantized Linears."""
     linears = {fqn: m for fqn, m in model.named_modules() if isinstance(m, QLinear)}
     if not linears:
         raise LowbitError("the model has no quantized Linear layer; compressed-tensors would hold nothing")
@@ -176,13 +173,13 @@ def quantization_config(model: nn.Module) -> tuple[dict, dict[str, str]]:
     for fqn, m in linears.items():
         groups.setdefault(_group_key(fqn, m, common), []).append(fqn)
     ignore = [fqn for fqn, m in model.named_modules() if type(m) is nn.Linear]
-    formats = {"int-quantized" if json.loads(k)["input_activations"] else "pack-quantized" for k in groups}
     config_groups, names = {}, {}
     for i, (key, fqns) in enumerate(groups.items()):
         scheme = json.loads(key)
         fmt = "int-quantized" if scheme["input_activations"] else "pack-quantized"
         config_groups[f"group_{i}"] = {"targets": fqns, **scheme, "format": fmt}
         names.update(dict.fromkeys(fqns, fmt))
+    formats = set(names.values())
     fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
     config = {"quant_method": "compressed-tensors", "format": fmt,
               "quantization_status": "compressed", "config_groups": config_groups, "ignore": ignore,

@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from lowbit.core.errors import CheckpointError
-from lowbit.export.peer_formats import FLOATS, PeerLayout, PeerTensors, qlinear_from_codes, unpack_words
+from lowbit.export.peer_formats import (
+    FLOATS,
+    PeerLayout,
+    PeerTensors,
+    check_g_idx,
+    qlinear_from_codes,
+    unpack_words,
+)
 from lowbit.nn.dynamic import QDynamicLinear
 
 FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
@@ -109,11 +116,7 @@ def _layer(
     scales = t.get(f"{fqn}.weight_scale", (n_out, n_groups), FLOATS, why)
     codes, zeros = _codes(fqn, t, s, n_out, n_in, n_groups, why)
     if f"{fqn}.weight_g_idx" in t:
-        g_idx = t.get(f"{fqn}.weight_g_idx", (n_in,), (torch.int32, torch.int64), why)
-        if not torch.equal(g_idx.long(), torch.arange(n_in) // (s["group"] if s["group"] > 0 else n_in)):
-            raise CheckpointError(
-                f"{t.folder}: {fqn}.weight_g_idx reorders inputs (act-order); lowbit's groups are contiguous"
-            )
+        check_g_idx(t, f"{fqn}.weight_g_idx", n_in, s["group"] if s["group"] > 0 else n_in, why, "act-order")
     if s["dynamic"] and not (bits == 8 and s["sym"] and s["strategy"] == "channel"):
         raise CheckpointError(f"{t.folder}: {fqn}: W8A8 needs int8 symmetric per-channel weights ({why})")
     group = s["group"] if s["strategy"] == "group" else -1

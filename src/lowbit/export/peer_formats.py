@@ -38,6 +38,7 @@ from torch import nn
 
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.errors import CheckpointError
+from lowbit.core.packing import unpack
 from lowbit.core.spec import PerChannel, PerGroup, QuantSpec
 from lowbit.nn.modules import QLinear
 
@@ -117,17 +118,18 @@ class PeerLayout:
 
 
 def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``(..., n * 32 // bits)`` of words ``(..., n)`` (int32, or int64 holding 32-bit
-    values): field ``i`` of word ``k`` is code ``k * 32 // bits + i``."""
-    shifts = torch.arange(0, 32, bits, dtype=words.dtype)
-    fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return fields.reshape(*words.shape[:-1], -1).to(torch.uint8)
+    """uint8 codes ``(..., n * 32 // bits)`` of int32 words ``(..., n)`` (``bits`` dividing 32): field
+    ``i`` of word ``k`` is code ``k * 32 // bits + i``. That is lowbit's own bit stream
+    (``lowbit.core.packing``) in the words' little-endian bytes, as lowbit's codec assumes a
+    little-endian host."""
+    return unpack(words.contiguous().view(torch.uint8), bits, words.shape[-1] * 32 // bits)
 
 
 def gptq_v1_words(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """GPTQ v1 zero-point words as v2 words (int64): one added to every field, int32 wrap-around."""
+    """GPTQ v1 zero-point words as v2 words (int32): one added to every field, int32 wrap-around."""
     ones = sum(1 << (bits * i) for i in range(32 // bits))
-    return (qzeros.long() + ones) & 0xFFFFFFFF
+    words = (qzeros.long() + ones) & 0xFFFFFFFF
+    return (words - ((words >> 31) << 32)).to(torch.int32)
 
 
 def awq_columns(fields: torch.Tensor) -> torch.Tensor:
@@ -201,23 +203,21 @@ def _gptq_layer(
     qweight = t.get(f"{fqn}.qweight", (n_in * bits // 32, n_out), WORDS, why)
     qzeros = t.get(f"{fqn}.qzeros", (groups, n_out * bits // 32), WORDS, why)
     scales = t.get(f"{fqn}.scales", (groups, n_out), FLOATS, why)
-    _check_g_idx(fqn, t, n_in, size, desc_act, why)
+    if f"{fqn}.g_idx" in t or desc_act:
+        check_g_idx(t, f"{fqn}.g_idx", n_in, size, why, f"act-order, desc_act={str(desc_act).lower()}")
     codes = unpack_words(qweight.t(), bits)
     zeros = unpack_words(gptq_v1_words(qzeros, bits) if v1 else qzeros, bits).t()
     return qlinear_from_codes(fqn, linear, t, bits, group, sym, codes, zeros, scales.t())
 
 
-def _check_g_idx(fqn: str, t: PeerTensors, n_in: int, size: int, desc_act: bool, why: str) -> None:
-    """``g_idx`` must put input ``i`` in group ``i // size`` (absent: only without ``desc_act``)."""
-    name = f"{fqn}.g_idx"
-    if name not in t and not desc_act:
-        return
+def check_g_idx(t: PeerTensors, name: str, n_in: int, size: int, why: str, note: str) -> None:
+    """Tensor ``name`` (the group of each of ``n_in`` inputs) must put input ``i`` in group ``i // size``:
+    lowbit's groups are contiguous. ``note``: what a reordering means in the producer's terms."""
     g_idx = t.get(name, (n_in,), (torch.int32, torch.int64), why)
     if not torch.equal(g_idx.long(), torch.arange(n_in) // size):
         raise CheckpointError(
-            f"{t.folder}: {name} does not assign inputs to groups in order (act-order, desc_act="
-            f"{str(desc_act).lower()}); lowbit's groups are contiguous runs of {size} inputs, so re-quantize "
-            "without act-order (desc_act=false)"
+            f"{t.folder}: {name} does not assign inputs to groups in order ({note}); lowbit's groups are "
+            f"contiguous runs of {size} inputs, so re-quantize without act-order"
         )
 
 
