@@ -129,9 +129,12 @@ bench-peers: $(BENCH_STAMP)
 bench-ct: $(STAMP)
 	$(PY) benchmarks/compressed_tensors_hf.py
 
+# Then lowbit's fast decode path (lowbit.decode.Decoder) beside llama-bench's f32/Q8_0/Q4_0 at 1 and 2 threads;
+# llama.cpp is built into /tmp/llamacpp by bench-gguf's build() if missing (~15 min). Time on an idle machine.
 bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py
 	$(BENCH_PY) benchmarks/decode_cpu.py
+	$(BENCH_PY) benchmarks/decode_llamacpp.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks

@@ -18,6 +18,7 @@ RANK = {
     "transforms": 5,
     "data": 1,
     "models": 5,  # bundled models train on bundled data and use lowbit.nn's float Add (lowbit.models.vision)
+    "decode": 5.5,  # fast greedy decoding over nn's quantized layers and kernels
     "export": 6,
     "qat": 6,  # training twins over nn/transforms; deploys through lowbit.nn layers
     "eval": 6,

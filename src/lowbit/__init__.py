@@ -14,7 +14,7 @@
     lowbit.quantize_folder(lowbit.models.cached_folder("smollm2-135m"), gptq, "out/gptq", calib)
 
 Importing lowbit loads torch only: no CUDA initialisation, no model or data access. ``models``, ``qat``,
-``autotune``, ``data``, ``eval`` and ``workflows`` are imported on first use.
+``autotune``, ``data``, ``decode``, ``eval`` and ``workflows`` are imported on first use.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from lowbit.transforms.comm import TorchComm
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "data", "eval", "qat", "autotune", "workflows")
+_LAZY = ("models", "data", "eval", "qat", "autotune", "workflows", "decode")
 
 __all__ = [
     "CheckpointError",
@@ -72,6 +72,7 @@ __all__ = [
     "StaticW8A8",
     "WeightOnly",
     "__version__",
+    "generate",
     "load",
     "parse_scheme",
     "quantize_",
@@ -79,6 +80,13 @@ __all__ = [
     "save",
     *_LAZY,
 ]
+
+
+def generate(model, input_ids, max_new_tokens: int, **kw):
+    """Greedy continuation through the fast decode path: ``lowbit.decode.generate``."""
+    from lowbit.decode import generate as fast_generate
+
+    return fast_generate(model, input_ids, max_new_tokens, **kw)
 
 
 def __getattr__(name: str):

@@ -57,7 +57,8 @@ pass (left-truncated to ``max_length + 1`` tokens), log-probabilities in float32
 so every token is predicted once (the first from the end-of-text token) from the tokens before it in its
 window, and a window's first prediction sees the last token of the window before;
 ``generate_until`` decodes greedily, ``max_gen_toks`` tokens at most (default 256), and stops at the first
-``until`` string or end-of-text (sampling settings are ignored, with a warning).
+``until`` string or end-of-text (sampling settings are ignored, with a warning); a batch of one context
+runs through ``lowbit.decode`` (static KV cache, compiled step) where the architecture allows.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ class LowbitLM(TemplateLM):
         self.max_length = length or _max_positions(model)
         self.path = str(path)
         self._warned = False
+        self._decoder = None  # lowbit.decode.Decoder for one-context batches, False where it cannot run
 
     @property
     def eot_token_id(self) -> int:
@@ -232,7 +234,10 @@ class LowbitLM(TemplateLM):
         out: list = [None] * len(requests)
         for batch in tqdm(self._batches(keys), desc="lowbit generate_until", disable=disable_tqdm):
             until, max_new = settings[batch[0]]
-            texts = self._greedy([contexts[i] for i in batch], until, max_new)
+            if len(batch) == 1 and self._fast() is not None:
+                texts = [self._greedy_fast(contexts[batch[0]], until, max_new)]
+            else:
+                texts = self._greedy([contexts[i] for i in batch], until, max_new)
             for i, text in zip(batch, texts, strict=True):
                 out[i] = text
         return out
@@ -252,6 +257,32 @@ class LowbitLM(TemplateLM):
             self._warned = True
             _log.warning("lowbit generates greedily; the task's sampling settings %s are ignored", kwargs)
         return [*until, *([eos] if eos and eos not in until else [])], max_new
+
+    def _fast(self):
+        """The fast decode path for this model (built on first use), or None: not on the CPU, or an
+        architecture ``lowbit.decode`` does not know."""
+        if self._decoder is None:
+            from lowbit.decode import Decoder, Unsupported
+
+            try:
+                ok = self._device.type == "cpu"
+                self._decoder = Decoder(self.model, cache_len=min(self.max_length, 1024)) if ok else False
+            except Unsupported:
+                self._decoder = False
+        return self._decoder or None
+
+    def _greedy_fast(self, context: list[int], until: list[str], max_new: int) -> str:
+        """``_greedy`` of one context through ``lowbit.decode`` (same tokens; stops at a stop string)."""
+        dec = self._decoder
+        ids = torch.tensor([context[-(self.max_length - max_new) :] or [self.eot_token_id]])
+        tok, new = int(dec.prefill(ids).argmax()), []
+        for i in range(max_new):
+            new.append(tok)
+            text = self.tok_decode(new)
+            if tok == self.eot_token_id or any(u and u in text for u in until) or i == max_new - 1:
+                break
+            tok = int(dec.step(torch.tensor([[tok]])).argmax())
+        return _cut(self.tok_decode(new), until)
 
     @torch.inference_mode()
     def _greedy(self, contexts: list[list[int]], until: list[str], max_new: int) -> list[str]:

@@ -399,9 +399,12 @@ def bench(
     layers: bool = True,
     advice: bool = False,
     progress: bool = True,
+    decoder: str = "fast",
+    dot: str = "float",
 ) -> dict:
     """Float and quantized side by side: per-layer latency by backend and batch, end-to-end tokens/s
-    and memory (``lowbit.eval.bench``). ``advice``: route layers by this machine's cached advice."""
+    and memory (``lowbit.eval.bench``). ``advice``: route layers by this machine's cached advice;
+    ``decoder``/``dot``: the generation path (``lowbit.eval.bench.end_to_end``)."""
     import torch
 
     from lowbit.eval import bench as eb
@@ -423,8 +426,15 @@ def bench(
             ids = torch.randint(
                 0, qmodel.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)
             )
-        out["end_to_end"] = eb.end_to_end({"fp32": fmodel, "quantized": qmodel}, ids, new=new, rounds=rounds)
-        out["end_to_end_setup"] = {"batch": 1, "prompt_tokens": prompt, "new_tokens": new, "rounds": rounds}
+        pair = {"fp32": fmodel, "quantized": qmodel}
+        out["end_to_end"] = eb.end_to_end(pair, ids, new=new, rounds=rounds, decoder=decoder, dot=dot)
+        out["end_to_end_setup"] = {
+            "batch": 1,
+            "prompt_tokens": prompt,
+            "new_tokens": new,
+            "rounds": rounds,
+            "dot": dot,
+        }
     out["markdown"] = eb.format_report(out)
     return out
 

@@ -113,6 +113,20 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--new", type=int, default=32, help="generated tokens for decode (default 32)")
     b.add_argument("--no-layers", action="store_true", help="skip the per-layer backend table")
     b.add_argument("--advice", action="store_true", help="route layers by this machine's cached advice")
+    b.add_argument(
+        "--decoder",
+        choices=("fast", "hf"),
+        default="fast",
+        help="generation path: fast = lowbit.decode (static KV cache, compiled step; falls back to the "
+        "model's forward for an unknown architecture), hf = the model's own forward (default fast)",
+    )
+    b.add_argument(
+        "--dot",
+        choices=("float", "int8"),
+        default="float",
+        help="fast path's decode dot products: float (exact) or int8 activations per 32 values, as "
+        "llama.cpp (default float)",
+    )
     a = sub.add_parser("advise", help="measure the fastest scheme and backend per layer shape and batch size")
     a.add_argument("model", help="model reference or checkpoint: its Linear shapes are measured")
     a.add_argument("--schemes", nargs="+", default=["w8", "w4g128", "w8a8"], help="schemes to compare")
@@ -278,6 +292,8 @@ def _run(args: argparse.Namespace) -> dict:
             layers=not args.no_layers,
             advice=args.advice,
             progress=not args.quiet,
+            decoder=args.decoder,
+            dot=args.dot,
         )
     if args.command == "advise":
         return workflows.advise(

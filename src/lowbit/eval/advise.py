@@ -68,7 +68,7 @@ def measure_layer(layer: nn.Module, batches, rounds: int = 5, min_seconds: float
     torch.manual_seed(0)
     ref = nn.Linear(layer.cols, layer.rows)
     op, dev = layer_op(layer), torch.device("cpu")
-    names = [b.name for b in backends(op) if b.supports(layer, dev)]
+    names = [b.name for b in backends(op) if b.exact and b.supports(layer, dev)]
     runners = {n: _forced(layer, n) for n in names}
     us: dict[str, list] = {FLOAT: [], **{n: [] for n in names}}
     alive = set(names)

@@ -3,7 +3,9 @@
 - layers: every distinct quantized Linear of the model (op, shape, spec), its own weights, timed on each
   backend that can run it against a float32 ``nn.Linear`` of the same shape, per batch size.
 - end to end: greedy generation at batch 1: prefill tokens/s (the prompt) and decode tokens/s (new
-  tokens after the first), float and quantized alternating round by round; weight bytes (real bytes of
+  tokens after the first), float and quantized alternating round by round, through lowbit's fast decode
+  path (``lowbit.decode``: static cache, compiled step; compilation is part of the warm-up, reported as
+  ``warmup_s``) or the model's own forward; weight bytes (real bytes of
   parameters and buffers, shared ones once); peak memory of generation above the resident model, from
   the kernel's high-water mark (``/proc/self/clear_refs``), Linux only.
 """
@@ -14,11 +16,14 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowbit.decode import Decoder, Unsupported
 from lowbit.eval.advise import measure_layer
 from lowbit.kernels.advice import layer_op
 
@@ -74,7 +79,8 @@ def _reset_peak() -> bool:
 
 
 def _generate(model: nn.Module, ids: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode seconds for new - 1 tokens, new tokens) of greedy generation."""
+    """(prefill seconds, decode seconds for new - 1 tokens, new tokens) of greedy generation through the
+    model's own forward with its dynamic KV cache."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' notice about past_key_values
         t0 = time.perf_counter()
@@ -90,16 +96,56 @@ def _generate(model: nn.Module, ids: torch.Tensor, new: int) -> tuple[float, flo
     return t1 - t0, t2 - t1, torch.cat(toks, dim=1)[0]
 
 
-def end_to_end(models: dict[str, nn.Module], ids: torch.Tensor, new: int = 32, rounds: int = 3) -> dict:
-    """Per model: prefill and decode tokens/s (median over alternating rounds), memory, token agreement."""
+def _generate_fast(dec: Decoder, ids: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
+    """``_generate`` through a ``lowbit.decode.Decoder`` (static cache, compiled step)."""
+    t0 = time.perf_counter()
+    tok, toks = dec.prefill(ids).argmax(-1, keepdim=True), []
+    t1 = time.perf_counter()
+    for _ in range(new - 1):
+        toks.append(tok)
+        tok = dec.step(tok).argmax(-1, keepdim=True)
+    toks.append(tok)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(toks, dim=1)[0]
+
+
+def _runner(
+    model: nn.Module, ids: torch.Tensor, new: int, decoder: str, dot: str
+) -> tuple[Callable, str, float]:
+    """(generation function, the decoder that runs, warm-up seconds incl. compilation) for ``model``:
+    ``decoder="fast"`` takes lowbit.decode where the architecture is known, else the model's forward."""
+    t = time.perf_counter()
+    if decoder == "fast":
+        try:
+            dec = Decoder(model, cache_len=ids.shape[1] + new, dot=dot)
+        except Unsupported:
+            dec = None
+        if dec is not None:
+            _generate_fast(dec, ids[:, :8], 2)  # compiles the step
+            return partial(_generate_fast, dec), "fast", time.perf_counter() - t
+    _generate(model, ids[:, :8], 2)  # warm-up: kernel builds, first-call allocations
+    return partial(_generate, model), "hf", time.perf_counter() - t
+
+
+def end_to_end(
+    models: dict[str, nn.Module],
+    ids: torch.Tensor,
+    new: int = 32,
+    rounds: int = 3,
+    decoder: str = "fast",
+    dot: str = "float",
+) -> dict:
+    """Per model: prefill and decode tokens/s (median over alternating rounds), memory, token agreement.
+    ``decoder``: "fast" (lowbit.decode, falling back to the model's forward for an unknown architecture)
+    or "hf" (the model's forward and dynamic cache); ``dot``: the fast path's decode dot products."""
     times = {k: ([], []) for k in models}
-    tokens, peak = {}, {}
-    for m in models.values():
-        _generate(m, ids[:, :8], 2)  # warm-up: kernel builds, first-call allocations
+    tokens, peak, runners = {}, {}, {}
+    for k, m in models.items():
+        runners[k] = _runner(m, ids, new, decoder, dot)
     for r in range(rounds):
-        for k, m in models.items():
+        for k in models:
             before = _rss_kb("VmRSS") if r == 0 and _reset_peak() else None
-            p, d, tokens[k] = _generate(m, ids, new)
+            p, d, tokens[k] = runners[k][0](ids, new)
             if before is not None:
                 peak[k] = max(0, (_rss_kb("VmHWM") or before) - before) / 1024
             times[k][0].append(p)
@@ -116,6 +162,8 @@ def end_to_end(models: dict[str, nn.Module], ids: torch.Tensor, new: int = 32, r
             "weights_mb": round(weight_bytes(m) / 1e6, 1),
             "generation_peak_mb": round(peak[k], 1) if k in peak else None,
             "tokens_before_first_divergence": same,
+            "decoder": runners[k][1],
+            "warmup_s": round(runners[k][2], 1),
         }
     return out
 
@@ -144,11 +192,15 @@ def format_report(r: dict) -> str:
             "",
             f"end to end, batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens:",
         ]
-        lines += ["| model | prefill tok/s | decode tok/s | weights MB | generation peak MB | same tokens |"]
-        lines += ["|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "| model | decoder | prefill tok/s | decode tok/s | weights MB | generation peak MB "
+            "| same tokens |"
+        ]
+        lines += ["|---|---|---:|---:|---:|---:|---:|"]
         for k, v in e2e.items():
             peak = "-" if v["generation_peak_mb"] is None else f"{v['generation_peak_mb']:.0f}"
             speed = f"{v['prefill_tok_s']:.0f} | {v['decode_tok_s']:.1f}"
             same = v["tokens_before_first_divergence"]
-            lines.append(f"| {k} | {speed} | {v['weights_mb']:.1f} | {peak} | {same} |")
+            dec = v.get("decoder", "hf")
+            lines.append(f"| {k} | {dec} | {speed} | {v['weights_mb']:.1f} | {peak} | {same} |")
     return "\n".join(lines)

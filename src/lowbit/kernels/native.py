@@ -1,8 +1,9 @@
-"""lowbit's own CPU kernels (``csrc/lowbit_cpu.c``): compiled on first use, cached, loaded with ctypes.
+"""lowbit's own CPU kernels (``csrc/lowbit_cpu.c``, which includes ``csrc/lowbit_cpu_a8.c``): compiled on
+first use, cached, loaded with ctypes.
 
 The library is built with the system C compiler (``$CC``, else ``cc``) as
 ``cc -O3 -march=native -fopenmp -shared`` into ``<cache root>/kernels/lowbit_cpu-<variant>-<key>.so``, where
-the key hashes the source, the flags, the compiler's version and this CPU's model and feature flags, so a
+the key hashes the sources, the flags, the compiler's version and this CPU's model and feature flags, so a
 changed source or another machine never loads a stale build. The build goes to a temp file renamed into
 place; its sha256 goes to ``<library>.sha256`` beside it.
 
@@ -18,8 +19,9 @@ torch's own ops share one thread pool; the kernels use ``torch.get_num_threads()
 
 Set ``LOWBIT_NATIVE=0`` to turn the kernels off (the reference backend then runs, with a warning).
 
-Variants (``FLAGS``): ``native`` is what runs; ``nobf16`` (native without AVX512-BF16) and ``generic``
-(x86-64-v2, the portable C paths) exist so the tests cover every code path on one machine.
+Variants (``FLAGS``): ``native`` is what runs; ``nobf16`` (native without AVX512-BF16, AVX512-VBMI and
+GFNI, as on a Cascade Lake) and ``generic`` (x86-64-v2, the portable C paths) exist so the tests cover
+every code path on one machine.
 """
 
 from __future__ import annotations
@@ -41,18 +43,20 @@ import torch
 from lowbit.core.errors import LowbitError
 from lowbit.core.fsio import atomic_write_text, cache_root
 
-SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.c"
-ABI_VERSION = 5
+SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.c"  # compiled; it includes the other csrc/*.c
+ABI_VERSION = 6
+_COMMON = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 FLAGS = {
-    "native": ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"],
-    "nobf16": ["-O3", "-march=native", "-mno-avx512bf16", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"],
-    "generic": ["-O3", "-march=x86-64-v2", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"],
+    "native": ["-march=native", *_COMMON],
+    "nobf16": ["-march=native", "-mno-avx512bf16", "-mno-avx512vbmi", "-mno-gfni", *_COMMON],
+    "generic": ["-march=x86-64-v2", *_COMMON],
 }
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
     "lb_abi_version": ([], _int),
     "lb_has_avx512": ([], _int),
     "lb_has_bf16": ([], _int),
+    "lb_has_vnni": ([], _int),
     "lb_wo_gemm": (
         [_ptr, _i64, _i64, _ptr, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _i64, _ptr, _ptr,
          _int], _int
@@ -61,6 +65,9 @@ SIGNATURES = {
         [_ptr, _i64, _i64, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _i64, _ptr, _int], None
     ),
     "lb_w8a8_gemm": ([_ptr, _i64, _i64, _ptr, _i64, _ptr, _int, _ptr, _ptr, _ptr, _int], _int),
+    "lb_wo_gemm_a8": (
+        [_ptr, _i64, _i64, _ptr, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _ptr, _int], _int
+    ),
 }  # fmt: skip
 
 
@@ -85,12 +92,13 @@ def _compiler() -> str:
 
 
 def _build_key(cc: str, flags: list[str]) -> str:
-    """16 hex of sha256 over the source, the flags, the compiler's version and this CPU's fingerprint."""
+    """16 hex of sha256 over the sources, the flags, the compiler's version and this CPU's fingerprint."""
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"cannot run the C compiler {cc}: {e}") from e
-    parts = [SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_fingerprint().encode()]
+    sources = [p.read_bytes() for p in sorted(SOURCE.parent.glob("*.c"))]
+    parts = [*sources, " ".join(flags).encode(), version.encode(), _cpu_fingerprint().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 

@@ -5,7 +5,8 @@ priority. ``layer`` is a quantized module (duck-typed: ``qweight``, ``scale``, `
 ``spec``, ``rows``, ``cols``). ``select`` returns the highest-priority backend that supports the request;
 the reference backend of every op supports everything, so selection never fails. ``prefer`` forces one
 backend by name: if it cannot run the request, ``select`` raises (a user who forced a backend gets an
-error, not a silent fallback).
+error, not a silent fallback). A backend registered with ``exact=False`` (it rounds the activations) is
+never selected by priority or by measurement, only by name.
 
 Fast backends keep their own weight layout, built once from the stored buffers by ``prepared`` and
 rebuilt when those buffers change (new tensors, in-place edits, another device).
@@ -29,17 +30,21 @@ class Backend:
     fn: Callable
     supports: Callable[[Any, torch.device], bool]
     priority: int = 0
+    exact: bool = True  # False: rounds the activations (int8 dot products); never chosen by measurement
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}
 
 
-def register_backend(op: str, name: str, supports: Callable | None = None, priority: int = 0):
-    """Decorator: register ``fn`` as backend ``name`` of ``op``."""
+def register_backend(
+    op: str, name: str, supports: Callable | None = None, priority: int = 0, exact: bool = True
+):
+    """Decorator: register ``fn`` as backend ``name`` of ``op`` (``exact=False``: it changes the numerics,
+    e.g. int8 activations, and runs only where asked for by name)."""
 
     def deco(fn: Callable) -> Callable:
         pred = supports or (lambda layer, device: True)
-        _BACKENDS.setdefault(op, {})[name] = Backend(op, name, fn, pred, priority)
+        _BACKENDS.setdefault(op, {})[name] = Backend(op, name, fn, pred, priority, exact)
         return fn
 
     return deco
@@ -62,7 +67,7 @@ def select(op: str, layer: Any, device: torch.device, prefer: str | None = None)
             raise LowbitError(f"backend {prefer!r} cannot run {op} for {_describe(layer)} on {device}")
         return table[prefer]
     for b in backends(op):
-        if b.supports(layer, device):
+        if b.exact and b.supports(layer, device):
             return b
     raise LowbitError(f"no backend of {op} supports {_describe(layer)} on {device}")
 

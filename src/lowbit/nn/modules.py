@@ -19,12 +19,14 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling
 
 from lowbit.algorithms.rtn import QuantizedTensor
 from lowbit.core.codec import encode, stored_bytes
 from lowbit.core.errors import LowbitError
 from lowbit.core.spec import PerChannel, PerGroup, PerTensor, QuantSpec, qparam_shape
 from lowbit.kernels import dispatch
+from lowbit.kernels.ops import REF_ATTR, attach, call
 from lowbit.kernels.reference import dequantize_weight
 
 QMODULES: dict[str, type[QuantizedModule]] = {}
@@ -98,6 +100,16 @@ class QuantizedWeightModule(QuantizedModule):
             self.register_buffer("levels", torch.zeros(n_tables, fmt.n_codes, dtype=spec.torch_scale_dtype))
         else:
             self.levels = None
+        attach(self)  # how a compiled forward's kernel op finds this module (lowbit.kernels.ops)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop(REF_ATTR, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        attach(self)  # a copy's own reference, not the original's
 
     def set_weight(self, qt: QuantizedTensor) -> None:
         """Store an algorithm's result (codes ``(rows, cols)``) into the buffers."""
@@ -199,6 +211,8 @@ class QLinear(QuantizedWeightModule):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_compiling():
+            return call(self.KERNEL_OP, self, x)
         return dispatch(self.KERNEL_OP, self, x, self.backend)(x, self)
 
 
@@ -255,4 +269,6 @@ class QEmbedding(QuantizedWeightModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.spec.granularity, PerTensor):
             return nn.functional.embedding(ids, self.dequantized_weight(self.dtype))
+        if is_compiling():
+            return call("embedding", self, ids).to(self.dtype)
         return dispatch("embedding", self, ids)(ids, self).to(self.dtype)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 
 from lowbit.algorithms.outliers import rest_channels, split_columns
 from lowbit.algorithms.rtn import rtn
 from lowbit.core.errors import LowbitError
 from lowbit.core.spec import QuantSpec
 from lowbit.kernels import dispatch
+from lowbit.kernels.ops import call
 from lowbit.kernels.reference import DYNAMIC_ACTIVATIONS
 from lowbit.nn.modules import QuantizedWeightModule, register_qmodule
 from lowbit.nn.static import WEIGHT_SPEC
@@ -145,5 +147,9 @@ class QLinearOutlier(QuantizedWeightModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xr, xo = x.index_select(-1, self.rest_idx), x.index_select(-1, self.outlier_idx)
         dt = torch.promote_types(x.dtype, self.outlier_weight.dtype)
-        y = dispatch(self.KERNEL_OP, self, xr, self.backend)(xr, self)
+        y = (
+            call(self.KERNEL_OP, self, xr)
+            if is_compiling()
+            else dispatch(self.KERNEL_OP, self, xr, self.backend)(xr, self)
+        )
         return (y.to(dt) + F.linear(xo.to(dt), self.outlier_weight.to(dt))).to(x.dtype)

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling
 
 from lowbit.core.errors import LowbitError
 from lowbit.core.spec import PerChannel, PerTensor, QuantSpec
 from lowbit.kernels import dispatch
 from lowbit.kernels.integer import dequantize_activation, quantize_activation
+from lowbit.kernels.ops import call
 from lowbit.nn.modules import QLinear, QuantizedModule, QuantizedWeightModule, register_qmodule, scale_problem
 
 WEIGHT_SPEC = QuantSpec("int8", True, PerChannel(0), "float32")
@@ -215,6 +217,8 @@ class QStaticConv2d(StaticActivations, QuantizedWeightModule):
         return f"{super().extra_repr()}, k={c['kernel_size']} s={c['stride']} g={c['groups']}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_compiling():
+            return call(self.KERNEL_OP, self, x)
         return dispatch(self.KERNEL_OP, self, x, self.backend)(x, self)
 
 

@@ -16,22 +16,31 @@
  * so codes are turned into floats once and the zero point costs one multiply per group.
  * Activations are copied into a zero-padded buffer (K rounded up to 32; for 4-bit each block of 32
  * reordered even-then-odd to match the nibbles), which is what makes any K and partial groups safe.
+ * Per-call buffers sit on the caller's stack up to STACK_WS bytes (decode-sized calls never malloc).
+ *
+ * lowbit_cpu_a8.c (included at the end) holds lb_wo_gemm_a8: the same weights against activations
+ * rounded to int8 per block of 32, with integer dot products (vpdpbusd).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <float.h>
 #include <math.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 enum { CODE_S8 = 0, CODE_U8 = 1, CODE_U4 = 2, CODE_L4 = 3 };
 enum { SC_F32 = 0, SC_F16 = 1, SC_BF16 = 2 };
 enum { ZP_NONE = 0, ZP_S8 = 1, ZP_U8 = 2 };
 
-#define BLK 32 /* codes per inner block */
+#define BLK 32              /* codes per inner block */
+#define STACK_WS (32 << 10) /* per-call buffers up to this size live on the caller's stack */
 
-int lb_abi_version(void) { return 5; }
+int lb_abi_version(void) { return 6; }
 
 static inline int nibbles(int code) { return code == CODE_U4 || code == CODE_L4; }
 
@@ -62,6 +71,21 @@ static inline float zp_at(const void *p, int kind, int64_t i) {
 }
 
 static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+/* A per-call buffer of `bytes`: `stack` (STACK_WS bytes, 64-aligned) when it fits, else the heap (then
+ * *heap holds it, for free()). NULL if the heap is out of memory. */
+static void *workspace(size_t bytes, void *stack, void **heap) {
+    *heap = NULL;
+    if (bytes <= STACK_WS) return stack;
+    return *heap = aligned_alloc(64, (size_t)round_up((int64_t)bytes, 64));
+}
+
+/* The next `bytes` of a workspace cut into 64-byte aligned pieces. */
+static inline void *take(uint8_t **p, int64_t bytes) {
+    void *r = *p;
+    *p += round_up(bytes, 64);
+    return r;
+}
 
 /* xs (M, G): sums of x (M, K) over each group of `group` columns (the last may be partial). */
 static void group_sums(const float *x, int64_t M, int64_t K, int64_t group, int64_t G, float *xs) {
@@ -300,13 +324,12 @@ static int wo_gemm_u4_bf16(const float *x, int64_t M, int64_t K, const uint8_t *
                            int64_t row_bytes, int offset, int64_t group, int64_t G, const void *scale,
                            int sk, const void *zp, int zk, const float *bias, float *y, int nthreads) {
     int64_t nch = (K + CH - 1) / CH;
-    uint16_t *xb = malloc(sizeof(uint16_t) * nch * XW);
-    float *xs = malloc(sizeof(float) * G);
-    if (!xb || !xs) {
-        free(xb);
-        free(xs);
-        return -1;
-    }
+    _Alignas(64) uint8_t stack[STACK_WS];
+    void *heap;
+    uint8_t *ws = workspace(round_up(2 * nch * XW, 64) + round_up(4 * G, 64), stack, &heap);
+    if (!ws) return -1;
+    uint16_t *xb = take(&ws, 2 * nch * XW);
+    float *xs = take(&ws, 4 * G);
     for (int64_t m = 0; m < M; m++) {
         prepare_x_bf16(x + m * K, K, nch, xb);
         group_sums(x + m * K, 1, K, group, G, xs);
@@ -316,8 +339,7 @@ static int wo_gemm_u4_bf16(const float *x, int64_t M, int64_t K, const uint8_t *
             ym[n] = row_bf16(w + n * row_bytes, n, nch, row_bytes, (float)offset, group, G, scale, sk, zp, zk,
                              xb, xs) + (bias ? bias[n] : 0.0f);
     }
-    free(xb);
-    free(xs);
+    free(heap);
     return 0;
 }
 #endif /* __AVX512BF16__ */
@@ -363,12 +385,11 @@ int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N
     if (code == CODE_U4 && M <= 2 && (G == 1 || group == 32 || group % CH == 0))
         return wo_gemm_u4_bf16(x, M, K, w, N, row_bytes, offset, group, G, scale, sk, zp, zk, bias, y, nthreads);
 #endif
-    float *xp = malloc(sizeof(float) * Mp * Kp), *xs = malloc(sizeof(float) * Mp * G);
-    if (!xp || !xs) {
-        free(xp);
-        free(xs);
-        return -1;
-    }
+    _Alignas(64) uint8_t stack[STACK_WS];
+    void *heap;
+    uint8_t *ws = workspace(round_up(4 * Mp * Kp, 64) + round_up(4 * Mp * G, 64), stack, &heap);
+    if (!ws) return -1;
+    float *xp = take(&ws, 4 * Mp * Kp), *xs = take(&ws, 4 * Mp * G);
     prepare_x(x, M, Mp, K, Kp, group, G, nibbles(code), xp, xs);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -387,8 +408,7 @@ int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N
             for (int64_t i = 0; i < 4 && m0 + i < M; i++) y[(m0 + i) * N + n] = out[i] + bn;
         }
     }
-    free(xp);
-    free(xs);
+    free(heap);
     return 0;
 }
 
@@ -486,13 +506,12 @@ static float row_qparams(const float *xr, int64_t K, int *zp_out) {
 int lb_w8a8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t N, const void *scale,
                  int sk, const float *bias, float *y, float *xs_out, int nthreads) {
     int64_t Kp = round_up(K, 64);
-    uint8_t *xq = calloc((size_t)(M * Kp), 1);
-    int32_t *zps = calloc((size_t)M, sizeof(int32_t));
-    if (!xq || !zps) {
-        free(xq);
-        free(zps);
-        return -1;
-    }
+    _Alignas(64) uint8_t stack[STACK_WS];
+    void *heap;
+    uint8_t *ws = workspace(round_up(M * Kp, 64) + round_up(4 * M, 64), stack, &heap);
+    if (!ws) return -1;
+    uint8_t *xq = take(&ws, M * Kp);
+    int32_t *zps = take(&ws, 4 * M);
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         int zp;
@@ -535,7 +554,8 @@ int lb_w8a8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t 
             y[m * N + n] = (float)(dot - zps[m] * wsum) * (xs_out[m] * sw) + bn;
         }
     }
-    free(xq);
-    free(zps);
+    free(heap);
     return 0;
 }
+
+#include "lowbit_cpu_a8.c" /* weight-only matmul on int8 activations (same translation unit) */
