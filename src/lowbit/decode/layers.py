@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.kernels import torch_ops
-from lowbit.kernels.cpu_native import GEMV_ROWS
+from lowbit.kernels.cpu_native import gemv_rows
 from lowbit.kernels.registry import select
 from lowbit.nn import QLinear
 
@@ -125,11 +125,13 @@ NATIVE = {"cpu_native": False, "cpu_native_a8": True}  # backend -> int8 activat
 
 class NativeLinear(nn.Module):
     """A ``QLinear`` on lowbit's C kernels through ``torch.ops.lowbit_native.linear`` (no Python between a
-    compiled graph and the kernel) up to ``GEMV_ROWS`` rows; more rows run the layer itself (tiled)."""
+    compiled graph and the kernel) up to the layer's GEMV row limit (``cpu_native.gemv_rows``); more rows
+    run the layer itself (tiled), as its own forward would."""
 
     def __init__(self, layer: QLinear, a8: bool) -> None:
         super().__init__()
         self.layer, self.a8, self.out_features = layer, a8, layer.out_features
+        self.max_rows = gemv_rows(layer)
         args = torch_ops.static_args(layer)
         self.register_buffer("lut", args.pop("lut"), persistent=False)
         bias = None if layer.bias is None else layer.bias.float().contiguous()
@@ -137,7 +139,7 @@ class NativeLinear(nn.Module):
         self.args = args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] > GEMV_ROWS:
+        if x.numel() // x.shape[-1] > self.max_rows:
             return self.layer(x)
         q = self.layer
         y = torch.ops.lowbit_native.linear(

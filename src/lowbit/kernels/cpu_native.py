@@ -19,11 +19,8 @@ measures the crossover per shape). Activations run in float32 and the result is 
 
 ``cpu_native_a8`` is not exact: in small batches it rounds every activation row to int8 per block of 32
 values (scale max|x| / 127, like llama.cpp's Q8_0; ``csrc/lowbit_cpu_a8.c`` states the rule) and sums
-integer products (vpdpbusd). At one row it was 1.3x (small layers, where fixed costs dominate) to 4x
-(SmolLM2's 49152x576 LM head, w4g128) faster than ``cpu_native`` on a 2-core Sapphire Rapids; its error
-against the exact product is ~0.5% relative RMS on Gaussian activations. It needs AVX512-VNNI and runs
-only where asked for (``backend=``, ``prefer=``, ``routes``): its priority is below ``cpu_native``'s.
-Large batches take the exact tiled path.
+integer products (vpdpbusd). It needs AVX512-VNNI and, registered with ``exact=False``, runs only where
+asked for by name (``backend=``, ``prefer=``, ``routes``). Large batches take the exact tiled path.
 """
 
 from __future__ import annotations
@@ -82,12 +79,26 @@ def _lut(layer) -> tuple[torch.Tensor | None, int]:
     return torch.tensor(fmt.levels + (0.0,) * (16 - len(fmt.levels)), dtype=torch.float32), 0
 
 
+def kinds(layer) -> dict:
+    """The C kernels' constant description of a weight ``cpu_native`` runs: code kind and offset, codes per
+    scale (group), scale and zero-point kinds."""
+    code, offset = CODES[layer.spec.format]
+    zp = layer.zero_point
+    return {
+        "code": code,
+        "offset": offset,
+        "group": _group(layer),
+        "scale_kind": SCALE_KINDS[layer.scale.dtype],
+        "zp_kind": ZP_KINDS[zp.dtype] if zp is not None else 0,
+    }
+
+
 def _native_args(layer) -> tuple:
     """The weight's arguments of the C kernels as ctypes objects (a Python int costs ~0.05 us a call to
     convert): ``(K, w, N, row bytes, code, offset, group, scale, scale kind, zp, zp kind)``, ``(lut, lut
     stride)``, then the zero-point tensor and the tensors the pointers point into (held, so that no new
     buffer can reuse their addresses while these arguments are cached)."""
-    code, offset = CODES[layer.spec.format]
+    k = kinds(layer)
     zp = layer.zero_point
     lut, stride = prepared(layer, "native_lut", lambda: _lut(layer))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -96,13 +107,13 @@ def _native_args(layer) -> tuple:
         ptr(layer.qweight.data_ptr()),
         i64(layer.rows),
         i64(layer.qweight.shape[1]),
-        i32(code),
-        i32(offset),
-        i64(_group(layer)),
+        i32(k["code"]),
+        i32(k["offset"]),
+        i64(k["group"]),
         ptr(layer.scale.data_ptr()),
-        i32(SCALE_KINDS[layer.scale.dtype]),
+        i32(k["scale_kind"]),
         ptr(zp.data_ptr() if zp is not None else None),
-        i32(ZP_KINDS[zp.dtype] if zp is not None else 0),
+        i32(k["zp_kind"]),
     )
     keep = (layer.qweight, layer.scale, zp, lut)
     return head, (ptr(lut.data_ptr() if lut is not None else None), i64(stride)), zp, keep
@@ -168,7 +179,7 @@ def tiled(x: torch.Tensor, layer) -> torch.Tensor:
     return y + layer.bias.float() if layer.bias is not None else y
 
 
-def _gemv_rows(layer) -> int:
+def gemv_rows(layer) -> int:
     """``layer.native_gemv_rows`` or ``GEMV_ROWS``, read without ``nn.Module.__getattr__``'s exception
     (~1 us) when the layer has none."""
     limit = layer.__dict__.get("native_gemv_rows")
@@ -180,7 +191,7 @@ def _linear(x: torch.Tensor, layer, small) -> torch.Tensor:
     A float32 contiguous ``x`` goes in as it is (no copy, no reshape: the fixed cost of a decode step)."""
     if x.shape[-1] != layer.cols:
         raise LowbitError(f"expected inputs (..., {layer.cols}), got {tuple(x.shape)}")
-    if x.numel() // layer.cols > _gemv_rows(layer):
+    if x.numel() // layer.cols > gemv_rows(layer):
         y = tiled(x.reshape(-1, layer.cols).float().contiguous(), layer)
         return y.reshape(*x.shape[:-1], layer.rows).to(x.dtype)
     if x.dtype == torch.float32 and x.is_contiguous():
@@ -258,7 +269,7 @@ def w8a8_large(x: torch.Tensor, layer) -> torch.Tensor:
 def dynamic_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """W8A8 ``x (..., K) @ W.T + b``: own int8 kernel up to ``native_gemv_rows`` rows, oneDNN above."""
     x2 = x.reshape(-1, layer.cols).float().contiguous()
-    limit = _gemv_rows(layer)
+    limit = gemv_rows(layer)
     # torch 2.13's CPU _int_mm returns wrong sums for K == 1: small inner dimensions stay on our kernel
     small = x2.shape[0] <= limit or layer.cols < 8
     y = w8a8_small(x2, layer) if small else w8a8_large(x2, layer)

@@ -1,10 +1,9 @@
 """``torch.ops.lowbit_native.linear``: lowbit's C GEMV kernels as a PyTorch operator written in C++.
 
-The ``lowbit::`` custom ops (``lowbit.kernels.ops``) run a Python implementation: a compiled graph calling
-one pays for Python frames on every kernel call, and on CPython 3.11 a call that lands on a frame-stack
-chunk boundary maps and unmaps a 16 KiB chunk every time (four page faults a call, measured). A decode
-step makes ~120 such calls, so the fast decode path (``lowbit.decode``) calls this C++ operator instead:
-no Python between the compiled graph and the kernel.
+The ``lowbit::`` custom ops (``lowbit.kernels.ops``) run a Python implementation, so a compiled graph pays
+for Python frames on every kernel call (and, on CPython 3.11, for a frame-stack chunk mapped and unmapped
+per call where the calls land on a chunk boundary: docs/speed.md). The fast decode path
+(``lowbit.decode``) calls this C++ operator instead: no Python between the compiled graph and the kernel.
 
 ``torch_csrc/lowbit_ops.cpp`` is compiled on first use by ``torch.utils.cpp_extension`` (about 7 s) into
 ``<cache root>/kernels/torch-<key>/`` (private folder, as ``lowbit.kernels.native``'s; the key hashes the
@@ -73,17 +72,7 @@ def available() -> bool:
 
 
 def static_args(layer) -> dict:
-    """The constant arguments of ``lowbit_native.linear`` for a layer ``cpu_native`` can run: code kind and
-    offset, group, scale and zero-point kinds, level table (or None) and its row stride."""
-    code, offset = cpu_native.CODES[layer.spec.format]
+    """The constant arguments of ``lowbit_native.linear`` for a layer ``cpu_native`` can run: its kinds
+    (``cpu_native.kinds``), level table (or None) and the table's row stride."""
     lut, stride = cpu_native._lut(layer)
-    zp = layer.zero_point
-    return {
-        "code": code,
-        "offset": offset,
-        "group": cpu_native._group(layer),
-        "scale_kind": cpu_native.SCALE_KINDS[layer.scale.dtype],
-        "zp_kind": cpu_native.ZP_KINDS[zp.dtype] if zp is not None else 0,
-        "lut": lut,
-        "lut_stride": stride,
-    }
+    return cpu_native.kinds(layer) | {"lut": lut, "lut_stride": stride}
