@@ -135,6 +135,7 @@ bench-speed: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/linear_cpu.py
 	$(BENCH_PY) benchmarks/decode_cpu.py
 	$(BENCH_PY) benchmarks/decode_llamacpp.py
+	$(PY) benchmarks/decode_int8_quality.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks

@@ -12,7 +12,10 @@ Rows (each variant its own copy of the fp32 model; a variant that fails is repor
   weight repacking (llama.cpp's default and fastest path) runs; a file on which llama-bench still crashes
   is rerun with ``--repack 0`` from then on, and its row says so.
 - lowbit fp32, w8 (per-channel symmetric) and w4g128 through ``Decoder(compile=True)``, the quantized ones
-  with ``dot="float"`` and ``dot="int8"`` (int8 activations at decode, like llama.cpp's Q8_0 activations).
+  with ``dot="float"`` and ``dot="int8"`` (int8 activations, like llama.cpp's Q8_0 activations). The
+  quantized Decoders run prompt and steps as one C call each (``step`` column: native); the fp32 one
+  compiles its step; one more w4g128 int8-dot row runs the torch.compile step (``native=False``), for what
+  the C step buys.
 - Plain HF ``generate``: fp32 (the reference of ``agree``), lowbit w4g128, torchao int8 weight-only and
   optimum-quanto int8/int4 (benchmarks/decode_cpu.py's variants).
 Per round and thread count, every variant runs in turn: prefill of a PROMPT-token held-out Wikipedia prompt
@@ -21,7 +24,8 @@ NEW / (the difference), prefill tok/s = PROMPT / prefill; then each llama-bench 
 hit all alike. Medians over rounds; warm-up (torch.compile included, its time reported) excluded.
 ``agree``: fraction of greedy tokens equal to fp32 HF generate's. Where a Decoder row decodes slower than
 llama.cpp at its bits, one step is split by torch.profiler (eager Decoder, 16 steps) into kernels,
-attention, cache, other aten ops and Python/dispatch, beside the compiled step's wall time.
+attention, cache, other aten ops and Python/dispatch, beside the timed step's wall time; where it prefills
+slower, its prefill is split into linears and the rest (``prefill_split``).
 Time it on an idle machine (load < 1; the load before and after is recorded).
 Run: make bench-speed, or .venv-bench/bin/python benchmarks/decode_llamacpp.py [--work DIR] [--rounds N]
      [--threads 1 2] [--variants NAME ...] [--skip-llamacpp]
@@ -42,6 +46,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -68,6 +73,7 @@ class Variant:
     quantize: Callable | None  # applied to a copy of the fp32 model
     ref: str  # the llama.cpp row at the same bits
     dot: str | None = None  # the Decoder's dot product; None: plain HF generate
+    native: bool = True  # the Decoder may run its step as one C call (else torch.compile)
 
 
 _PEER = decode_cpu.VARIANTS
@@ -78,6 +84,9 @@ VARIANTS = {
     "lowbit w8 Decoder int8-dot": Variant(_PEER["lowbit w8"], "llama.cpp Q8_0", "int8"),
     "lowbit w4g128 Decoder float-dot": Variant(_PEER["lowbit w4g128"], "llama.cpp Q4_0", "float"),
     "lowbit w4g128 Decoder int8-dot": Variant(_PEER["lowbit w4g128"], "llama.cpp Q4_0", "int8"),
+    "lowbit w4g128 Decoder int8-dot, torch.compile step": Variant(
+        _PEER["lowbit w4g128"], "llama.cpp Q4_0", "int8", native=False
+    ),
     "lowbit w4g128 HF generate": Variant(_PEER["lowbit w4g128"], "llama.cpp Q4_0"),
     "torchao int8 weight-only": Variant(_PEER["torchao int8 weight-only"], "llama.cpp Q8_0"),
     "quanto int8": Variant(_PEER["quanto int8"], "llama.cpp Q8_0"),
@@ -168,7 +177,7 @@ def prepare(name: str, base, ids, args):
     if v.dot is not None:
         from lowbit.decode import Decoder  # the fast path; a variant error until it exists
 
-        runner = Decoder(model, cache_len=args.prompt + args.new, compile=True, dot=v.dot)
+        runner = Decoder(model, cache_len=args.prompt + args.new, compile=True, dot=v.dot, native=v.native)
     first = None
     with warnings.catch_warnings(record=True) as caught:  # e.g. the Decoder falling back to eager
         warnings.simplefilter("always")
@@ -233,13 +242,14 @@ def _annotate(net: torch.nn.Module) -> list:
     return handles
 
 
-def split(model, compiled, dot: str, ids, new: int) -> dict[str, float]:
+def split(model, timed, dot: str, ids, new: int) -> dict[str, float]:
     """Milliseconds per decode step: an eager Decoder's ops' self-CPU time by bucket over up to SPLIT_STEPS
-    profiled steps, Python/dispatch = the profiled wall time minus the ops'; the compiled step's wall time."""
+    profiled steps, Python/dispatch = the profiled wall time minus the ops'; the timed Decoder's wall time
+    per step (its own engine: one C call or compiled)."""
     from lowbit.decode import Decoder
 
     steps = min(SPLIT_STEPS, new - 1)
-    eager = Decoder(model, cache_len=ids.shape[1] + new, compile=False, dot=dot)
+    eager = Decoder(model, cache_len=ids.shape[1] + new, compile=False, dot=dot, native=False)
     tok = eager.step(eager.prefill(ids).argmax(-1, keepdim=True)).argmax(-1, keepdim=True)  # unprofiled
     handles = _annotate(eager.net)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -254,11 +264,11 @@ def split(model, compiled, dot: str, ids, new: int) -> dict[str, float]:
         if "::" in ev.name:  # ops and the lowbit:: ranges, not other annotations
             ms[_bucket(ev)] += ev.self_cpu_time_total / 1e3 / steps
     ms |= {"Python/dispatch": wall - sum(ms.values()), "eager step": wall}
-    tok = compiled.prefill(ids).argmax(-1, keepdim=True)
+    tok = timed.prefill(ids).argmax(-1, keepdim=True)
     s = time.perf_counter()
     for _ in range(steps):
-        tok = compiled.step(tok).argmax(-1, keepdim=True)
-    return ms | {"compiled step": (time.perf_counter() - s) * 1e3 / steps}
+        tok = timed.step(tok).argmax(-1, keepdim=True)
+    return ms | {"timed step": (time.perf_counter() - s) * 1e3 / steps}
 
 
 def split_at(row: dict, models: dict, runners: dict, ids, new: int) -> dict:
@@ -266,10 +276,55 @@ def split_at(row: dict, models: dict, runners: dict, ids, new: int) -> dict:
     torch.set_num_threads(row["threads"])
     name = row["variant"]
     ms = split(models[name], runners[name], VARIANTS[name].dot, ids, new)
-    return {"variant": name, "threads": row["threads"], **ms}
+    return {"variant": name, "threads": row["threads"], "engine": runners[name].engine, **ms}
 
 
-def summarize(samples: dict, tokens: dict, args) -> list[dict]:
+def _median_ms(fn, rounds: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - s)
+    return statistics.median(times) * 1e3
+
+
+def _replay(lin, x: torch.Tensor) -> torch.Tensor:
+    """``lin`` (a ``NativeLinear``) on ``x`` through the kernel the one-call prompt runs, at any row count."""
+    q = lin.layer
+    return torch.ops.lowbit_native.linear(x, q.qweight, q.scale, q.zero_point, lin.lut, lin.bias32,
+                                          **lin.args, a8=lin.a8)  # fmt: skip
+
+
+def prefill_split(dec, ids) -> dict[str, float]:
+    """Milliseconds of one prefill of ``ids`` by Decoder ``dec``: the whole prefill, and its linears alone:
+    where the prompt runs as one C call, each linear of the step replayed on as many random rows as the
+    prompt has (the kernel that call runs); else the eager prefill under torch.profiler (``kernels``
+    bucket). ``other``: the prefill minus its linears (attention, norms, rotary, cache, dispatch)."""
+    whole = _median_ms(lambda: dec.prefill(ids))
+    rows = ids.shape[1]
+    if dec.engine == "native" and rows <= dec._native.max_rows:
+        linears = [m for m in dec.net.modules() if type(m).__name__ == "NativeLinear"]
+        kernels = sum(_median_ms(partial(_replay, lin, torch.randn(rows, lin.layer.cols))) for lin in linears)
+    else:
+        handles = _annotate(dec.net)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dec.prefill(ids)
+        for h in handles:
+            h.remove()
+        kernels = sum(ev.self_cpu_time_total for ev in prof.events() if "::" in ev.name
+                      and _bucket(ev) == "kernels") / 1e3  # fmt: skip
+    return {"prefill": whole, "linears": kernels, "other": whole - kernels}
+
+
+def prefill_split_at(row: dict, runners: dict, ids) -> dict:
+    torch.set_num_threads(row["threads"])
+    name = row["variant"]
+    return {"variant": name, "threads": row["threads"], "engine": runners[name].engine,
+            **prefill_split(runners[name], ids)}  # fmt: skip
+
+
+def summarize(samples: dict, tokens: dict, runners: dict, args) -> list[dict]:
     """One row per (thread count, variant): medians, and ratios to llama.cpp at the same bits."""
     rows = []
     ref = tokens.get("fp32 HF generate")
@@ -287,7 +342,8 @@ def summarize(samples: dict, tokens: dict, args) -> list[dict]:
             agree = float((tokens[name] == ref).float().mean()) if ref is not None else None
             rows.append({"threads": t, "variant": name, "prefill_tok_s": args.prompt / pf,
                          "decode_tok_s": dec, "vs_llamacpp": dec / lref[1] if lref else None,
-                         "agree": agree})  # fmt: skip
+                         "prefill_vs_llamacpp": args.prompt / pf / lref[0] if lref else None,
+                         "engine": getattr(runners[name], "engine", "hf"), "agree": agree})  # fmt: skip
     return rows
 
 
@@ -339,7 +395,20 @@ def _label(name: str, env: dict) -> str:
     return name + (" (eager: torch.compile failed)" if eager else "")
 
 
-def markdown(rows: list[dict], splits: list[dict], errors: dict, env: dict) -> str:
+def _split_table(title: str, text: str, keys: list[str], splits: list[dict], digits: int) -> list[str]:
+    """Markdown lines of a split section: heading, what the columns mean, one row per split."""
+    head = ["", f"## {title}", "", text, "", "| variant | threads | engine | " + " | ".join(keys) + " |",
+            "|---|---:|---|" + "---:|" * len(keys)]  # fmt: skip
+    cells = (" | ".join(f"{s[k]:.{digits}f}" for k in keys) for s in splits)
+    return head + [
+        f"| {s['variant']} | {s['threads']} | {s['engine']} | {c} |"
+        for s, c in zip(splits, cells, strict=True)
+    ]
+
+
+def markdown(
+    rows: list[dict], splits: list[dict], prefill_splits: list[dict], errors: dict, env: dict
+) -> str:
     out = [
         f"# SmolLM2-135M decode, batch 1: lowbit's Decoder vs llama.cpp ({env['date']})",
         "",
@@ -348,17 +417,21 @@ def markdown(rows: list[dict], splits: list[dict], errors: dict, env: dict) -> s
         f"round ({env['llama.cpp']}, commit {env['llama.cpp commit']}; tg starts from an empty cache). "
         f"CPU: {env['cpu']}; load before / after: {env['load before'][0]:.2f} / {env['load after'][0]:.2f}.",
         "`vs llama.cpp`: decode tok/s over llama.cpp's at the same bits (f32, Q8_0 for 8-bit, Q4_0 for "
-        "4-bit); `agree`: greedy tokens equal to fp32 HF generate's.",
+        "4-bit); `prefill vs`: the same for prefill; `step`: how a Decoder ran (native: prompt and steps as "
+        "one C call each; compiled: torch.compile step, eager prompt); `agree`: greedy tokens equal to fp32 "
+        "HF generate's.",
     ]
     for t in env["threads"]:
         out += ["", f"## {t} thread{'s' * (t > 1)}", "",
-                "| variant | decode tok/s | prefill tok/s | vs llama.cpp same-bits | agree |",
-                "|---|---:|---:|---:|---:|"]  # fmt: skip
+                "| variant | step | decode tok/s | prefill tok/s | vs llama.cpp same-bits | prefill vs "
+                "| agree |",
+                "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in (r for r in rows if r["threads"] == t):
             name = _label(r["variant"], env)
-            vs = f"{r['vs_llamacpp']:.2f}x" if r.get("vs_llamacpp") else "-"
+            vs, pvs = (f"{r[k]:.2f}x" if r.get(k) else "-" for k in ("vs_llamacpp", "prefill_vs_llamacpp"))
             agree = f"{r['agree']:.0%}" if r.get("agree") is not None else "-"
-            out.append(f"| {name} | {r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | {vs} | {agree} |")
+            speed = f"{r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f}"
+            out.append(f"| {name} | {r.get('engine', '-')} | {speed} | {vs} | {pvs} | {agree} |")
     warm = ", ".join(f"{n} {s:.0f}" for n, s in env["first warm-up s"].items())
     out += [
         "",
@@ -368,16 +441,25 @@ def markdown(rows: list[dict], splits: list[dict], errors: dict, env: dict) -> s
     out += [f"\n{n} warned: {w}" for n, ws in env["warnings"].items() for w in ws]
     out += [f"\n{n} failed: {e}" for n, e in errors.items()]
     if splits:
-        keys = [*(b for b, _ in BUCKETS), "other aten", "Python/dispatch", "eager step", "compiled step"]
-        out += ["", "## One decode step where lowbit is slower than llama.cpp (ms/token)", "",
-                f"Eager Decoder under torch.profiler, up to {SPLIT_STEPS} steps: ops' self-CPU time; "
-                "Python/dispatch = wall minus ops. kernels: quantized layers' forwards (a `lowbit::` range "
-                "each: lowbit's kernels and their own dispatch), aten mm/addmm/linear; attention: "
-                "scaled_dot_product; cache: index_copy_/copy_/index_put_/slice_scatter. compiled step: the "
-                "timed Decoder's wall time.", "", "| variant | threads | " + " | ".join(keys) + " |",
-                "|---|---:|" + "---:|" * len(keys)]  # fmt: skip
-        out += [f"| {s['variant']} | {s['threads']} | " + " | ".join(f"{s[k]:.2f}" for k in keys) + " |"
-                for s in splits]  # fmt: skip
+        keys = [*(b for b, _ in BUCKETS), "other aten", "Python/dispatch", "eager step", "timed step"]
+        text = (
+            f"Eager Decoder under torch.profiler, up to {SPLIT_STEPS} steps: ops' self-CPU time; "
+            "Python/dispatch = wall minus ops. kernels: quantized layers' forwards (a `lowbit::` range "
+            "each: lowbit's kernels and their own dispatch), aten mm/addmm/linear; attention: "
+            "scaled_dot_product; cache: index_copy_/copy_/index_put_/slice_scatter. timed step: the "
+            "timed Decoder's wall time (its own engine)."
+        )
+        out += _split_table(
+            "One decode step where lowbit is slower than llama.cpp (ms/token)", text, keys, splits, 2
+        )
+    if prefill_splits:
+        text = (
+            "prefill: median of 5 after one warm-up. linears: a native prompt's linears replayed one by one "
+            "on as many rows (the kernels that C call runs), or the eager prompt's quantized layers and "
+            "matmuls under torch.profiler. other: the rest (attention, norms, rotary, cache, dispatch)."
+        )
+        title = "One prefill where lowbit is slower than llama.cpp (ms per prompt)"
+        out += _split_table(title, text, ["prefill", "linears", "other"], prefill_splits, 1)
     return "\n".join(out) + "\n"
 
 
@@ -413,15 +495,22 @@ def main() -> int:
                 traceback.print_exc()
         del base
         samples, tokens, state = measure(runners, files, bins, ids, args)
-        rows = summarize(samples, tokens, args)
-        slow = [r for r in rows if r["variant"] in runners and VARIANTS[r["variant"]].dot
-                and (r["vs_llamacpp"] or 1) < 1]  # fmt: skip
-        splits = [split_at(r, models, runners, ids, args.new) for r in slow]
+        rows = summarize(samples, tokens, runners, args)
+        mine = [r for r in rows if r["variant"] in runners and VARIANTS[r["variant"]].dot]
+        splits = [split_at(r, models, runners, ids, args.new) for r in mine if (r["vs_llamacpp"] or 1) < 1]
+        slow_prefill = [r for r in mine if (r["prefill_vs_llamacpp"] or 1) < 1]
+        prefill_splits = [prefill_split_at(r, runners, ids) for r in slow_prefill]
     env = environment(args, state, load_before) | {"first warm-up s": compile_s, "warnings": notes}
     RESULTS.mkdir(exist_ok=True)
-    record = {"env": env, "rows": rows, "split_ms": splits, "errors": errors}
+    record = {
+        "env": env,
+        "rows": rows,
+        "split_ms": splits,
+        "prefill_split_ms": prefill_splits,
+        "errors": errors,
+    }
     (RESULTS / "decode_llamacpp.json").write_text(json.dumps(record, indent=1))
-    md = markdown(rows, splits, errors, env)
+    md = markdown(rows, splits, prefill_splits, errors, env)
     (RESULTS / "decode_llamacpp.md").write_text(md)
     print(md)
     return 0

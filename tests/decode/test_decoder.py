@@ -53,24 +53,63 @@ def _hf(model, ids, new):
 IDS = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "eager"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "w4g32"])
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_tokens_equal_plain_forward(family, quantized):
+def test_tokens_equal_plain_forward(family, quantized, native):
     m = _model(family, quantized)
     ref = _hf(m, IDS, 12)
-    out = Decoder(m, cache_len=32, compile=False).generate(IDS, 12)
-    assert torch.equal(out, ref)
+    dec = Decoder(m, cache_len=32, compile=False, native=native)
+    assert dec.engine == ("native" if native and quantized else "eager")  # float linears: no C step
+    assert torch.equal(dec.generate(IDS, 12), ref)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "eager"])
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_step_logits_match_full_forward(family):
+def test_step_logits_match_full_forward(family, native):
     m = _model(family, True)
     seq = _hf(m, IDS, 6)
     with torch.no_grad():
         full = m(seq).logits[:, -1]
-    dec = Decoder(m, cache_len=16, compile=False)
+    dec = Decoder(m, cache_len=16, compile=False, native=native)
     dec.prefill(seq[:, :-1])
     torch.testing.assert_close(dec.step(seq[:, -1:]), full, rtol=1e-5, atol=1e-5)
+
+
+def test_native_step_refuses_what_it_cannot_run():
+    m = _model("llama", False)
+    assert "linear" in Decoder(m, compile=False).native_reason  # float linears
+    lowbit.quantize_(m, lowbit.WeightOnly(bits=4, group_size=32))
+    assert Decoder(m, compile=False).native_reason is None
+    assert Decoder(m, compile=False, native=False).engine == "eager"
+    m.model.layers[1].post_attention_layernorm.variance_epsilon = 1e-3
+    assert "epsilon" in Decoder(m, compile=False).native_reason
+    m.model.layers[1].post_attention_layernorm.variance_epsilon = m.model.norm.variance_epsilon
+    m.model.layers[0].mlp.act_fn = torch.nn.ReLU()
+    assert "activation" in Decoder(m, compile=False).native_reason
+
+
+@pytest.mark.parametrize("variant", ["nobf16", "generic"])
+def test_native_step_on_other_builds_equals_plain_forward(monkeypatch, variant):
+    from lowbit.kernels import native
+
+    lib = native.library(variant)
+    if lib is None:
+        pytest.skip(f"no {variant} build of the C kernels here")
+    m = _model("qwen2", True)
+    ref = _hf(m, IDS, 10)
+    monkeypatch.setattr(native, "library", lambda variant="native": lib)
+    dec = Decoder(m, cache_len=24, compile=False)
+    assert dec.engine == "native" and torch.equal(dec.generate(IDS, 10), ref)
+
+
+def test_native_step_refuses_a_position_outside_its_cache():
+    dec = Decoder(_model("llama", True), cache_len=8, compile=False)
+    dec.prefill(IDS[:, :4])
+    with pytest.raises(LowbitError, match="positions 7..8"):
+        dec._native(torch.zeros(2, 64), 7)
+    with pytest.raises(LowbitError, match="float32"):
+        dec._native(torch.zeros(64), 4)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +129,9 @@ def test_compiled_step_equals_plain_forward():
     ref = _hf(m, IDS, 10)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="lowbit: torch.compile failed")  # no eager fallback
-        out = Decoder(m, cache_len=24, compile=True).generate(IDS, 10)
+        dec = Decoder(m, cache_len=24, compile=True, native=False)
+        assert dec.engine == "compiled"
+        out = dec.generate(IDS, 10)
     assert torch.equal(out, ref)
 
 
@@ -122,9 +163,10 @@ def test_int8_dot_stays_close():
     fast = Decoder(m, cache_len=32, compile=False, dot="int8")
     if _q(fast.net.blocks[0].qkv.parts[0]).backend != "cpu_native_a8":
         pytest.skip("no int8 dot-product kernel on this CPU (AVX512-VNNI)")
-    prompt = torch.arange(20)[None] % 256  # over 16 rows: the exact batched kernels either way
-    a, b = plain.prefill(prompt), fast.prefill(prompt)
-    assert all(torch.equal(x, y) for x, y in zip(plain.net.k_cache, fast.net.k_cache, strict=True))
+    prompt = torch.arange(20)[None] % 256
+    a, b = plain.prefill(prompt), fast.prefill(prompt)  # int8 activations at every row of the prompt
+    for x, y in zip(plain.net.k_cache, fast.net.k_cache, strict=True):
+        assert (x - y).abs().max() < 0.05 * x.abs().max()
     for _ in range(3):  # the LM head and every decode step: int8 activations
         assert (a - b).abs().max() < 0.05 * a.abs().max()
         tok = a.argmax(-1, keepdim=True)
@@ -168,7 +210,7 @@ def test_failing_compile_falls_back_once(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(RuntimeWarning, match="no compiler here") as rec:
-        out = Decoder(m, cache_len=16, compile=True).generate(IDS, 6)
+        out = Decoder(m, cache_len=16, compile=True, native=False).generate(IDS, 6)
     assert len(rec) == 1 and torch.equal(out, ref)
 
 
@@ -209,8 +251,8 @@ def test_smollm2_w4g128_tokens_equal_plain_forward(smollm2):
     lowbit.quantize_(m, lowbit.WeightOnly(bits=4, group_size=128))
     ids = torch.tensor([tok.encode("The history of the city of Paris begins")])
     ref = _hf(m, ids, 24)
-    assert torch.equal(Decoder(m, cache_len=64, compile=False).generate(ids, 24), ref)
-    assert torch.equal(Decoder(m, cache_len=64, compile=True).generate(ids, 24), ref)
+    for kw in ({}, {"native": False, "compile": False}, {"native": False}):  # native, eager, compiled
+        assert torch.equal(Decoder(m, cache_len=64, **kw).generate(ids, 24), ref)
 
 
 def test_many_decoders_each_keep_a_compiled_step():

@@ -41,7 +41,9 @@ GRANULARITIES = {
 # (rows, cols): K a multiple of 64 with a partial last group, K not a multiple of 32, odd K (half a byte),
 # K < 32, K = 1; rows not a multiple of 4 (the kernel takes four weight rows at a time for one row).
 SHAPES = [(48, 576), (33, 100), (7, 31), (5, 1001), (6, 1), (4, 160)]
-BATCHES = [1, 7]  # 1: four weight rows at a time; 7: 4 + 2 + 1 activation rows at a time
+# 1: four weight rows at a time; 3: 2 + 1 activation rows at a time; 4: four activation rows at a time;
+# 7: the many-row path (weight tiles unpacked once, then every row; from 5 rows in the AVX512-VNNI build)
+BATCHES = [1, 3, 4, 7]
 
 
 VARIANTS = ["native", "nobf16", "generic"]  # -march=native; without AVX512-BF16/VBMI/GFNI; portable C
@@ -143,29 +145,91 @@ def test_large_buffers_and_odd_thread_counts(run_all, monkeypatch):
     _check(run_all, _layer(QuantSpec("uint4", False, PerGroup(128), "float16"), 29, 4100), batches=[16, 1])
 
 
-def test_zero_and_subnormal_rows_give_zeros(run_all):
+@pytest.mark.parametrize("batch", [3, 16])  # the one-row and the many-row paths
+def test_zero_and_subnormal_rows_give_zeros(run_all, batch):
     """Blocks whose scale max|x| / 127 is 0 or subnormal count as zeros."""
     layer = _layer(QuantSpec("uint4", False, PerGroup(64), "float16"), 9, 100, bias=False)
-    x = torch.zeros(3, 100)
-    x[1] = 1e-39
-    x[2, ::3] = -1e-36  # max|x| / 127 below the smallest normal float
+    x = torch.zeros(batch, 100)
+    x[1::3] = 1e-39
+    x[2::3, ::3] = -1e-36  # max|x| / 127 below the smallest normal float
 
     def check():
-        assert torch.equal(cpu_native.gemv_a8(x, layer), torch.zeros(3, 9))  # the other rule gives ~1e-35
+        assert torch.equal(cpu_native.gemv_a8(x, layer), torch.zeros(batch, 9))  # the other rule gives ~1e-35
 
     run_all(check)
 
 
-def test_nan_and_infinity_give_nan(run_all):
+@pytest.mark.parametrize("batch", [3, 16])
+def test_nan_and_infinity_give_nan(run_all, batch):
     layer = _layer(QuantSpec("int4", True, PerGroup(64), "float16"), 9, 100)
-    x = torch.randn(3, 100)
+    x = torch.randn(batch, 100)
     x[0, 70], x[1, 3] = float("nan"), float("inf")
 
     def check():
         y = cpu_native.gemv_a8(x, layer)
-        assert y[:2].isnan().all() and y[2].isfinite().all()
+        assert y[:2].isnan().all() and y[2:].isfinite().all()
 
     run_all(check)
+
+
+# The many-row path (from 5 rows with AVX512-VNNI) vs the same rows one at a time: the same int8 codes,
+# block scales and exact block sums, float sums in another order (measured <= 1.3e-6 of each row's max).
+RTOL_ROWS = 1e-5
+MANY = [16, 17, 64, 130]
+# (format, symmetric, granularity, rows, cols, bias): N past a whole tile of 32 and short of one, K not a
+# multiple of 32 (odd for 4-bit: half a byte), a partial last group, K < 32, asymmetric zero points, groups
+# of more than the 8 blocks the kernel sums before scaling.
+MANY_CASES = [
+    ("uint4", False, PerGroup(128), 70, 576, True),
+    ("int4", True, PerGroup(32), 33, 1001, False),
+    ("uint4", True, PerChannel(0), 7, 31, True),
+    ("int8", True, PerChannel(0), 96, 1000, True),
+    ("int8", False, PerGroup(64), 37, 160, False),
+    ("uint8", False, PerGroup(96), 45, 300, True),
+    ("uint4", False, PerGroup(512), 64, 4100, True),
+]
+
+
+def _row_err(y, want) -> float:
+    """Largest error of a row over that row's largest |want|."""
+    y, want = y.double(), want.double()
+    return float(((y - want).abs().amax(1) / want.abs().amax(1).clamp_min(1e-30)).max())
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    "fmt,sym,gran,rows,cols,bias",
+    MANY_CASES,
+    ids=[f"{c[0]}-{'s' if c[1] else 'a'}-{c[3]}x{c[4]}" for c in MANY_CASES],
+)
+def test_many_rows_match_rows_one_at_a_time(run_all, fmt, sym, gran, rows, cols, bias):
+    layer = _layer(QuantSpec(fmt, sym, gran, "float16"), rows, cols, bias=bias)
+    xs = [_x(m, cols) for m in MANY]
+    for x in xs:
+        x[2] *= 1e3  # rows of different magnitudes
+    refs = [a8_reference(x, layer) for x in xs]
+
+    def check():
+        for x, want in zip(xs, refs, strict=True):
+            y = cpu_native.gemv_a8(x, layer)
+            one = torch.cat([cpu_native.gemv_a8(x[m : m + 1], layer) for m in range(x.shape[0])])
+            assert _row_err(y, one) <= RTOL_ROWS
+            assert _row_err(y, want) <= RTOL
+            assert _row_err(one, want) <= RTOL
+
+    run_all(check)
+
+
+@needs_vnni
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_rows_any_thread_count(monkeypatch, threads):
+    """One weight tile (activation rows split into chunks between workers) and many; every thread count."""
+    monkeypatch.setattr(native, "threads", lambda: threads)
+    for rows in (20, 400):
+        layer = _layer(QuantSpec("uint4", False, PerGroup(64), "bfloat16"), rows, 256)
+        x = _x(130, 256)
+        one = torch.cat([cpu_native.gemv_a8(x[m : m + 1], layer) for m in range(130)])
+        assert _row_err(cpu_native.gemv_a8(x, layer), one) <= RTOL_ROWS
 
 
 @needs_vnni

@@ -4,16 +4,22 @@ compiled call per token.
 ``Decoder(model, cache_len=...)`` wraps a causal LM of a known family (``layers.FAMILIES``). It keeps its own
 fused view of the linears (q/k/v and gate/up stacked where their specs agree: copies of those codes, so a
 decoder built before the model's weights change runs the old ones; build a new one), a
-preallocated KV cache ``(layers, 1, kv_heads, cache_len, head_dim)``, and a decode step compiled once by
-``torch.compile(fullgraph=True)``: every layer, the final norm and the LM head of one token (its embedding
-row looked up before) in one call with no Python per layer; quantized linears call lowbit's C kernels
-through a C++ operator (``lowbit.kernels.torch_ops``), other quantized layers through the ``lowbit::``
-custom ops (``lowbit.kernels.ops``).
-The prompt runs eagerly through the same modules (its linears take the batched kernels).
+preallocated KV cache ``(layers, 1, kv_heads, cache_len, head_dim)``, and a decode step that runs every
+layer, the final norm and the LM head of one token (its embedding row looked up before) with no Python per
+layer. Where every linear is a quantized layer on lowbit's C kernels and the model is float32 with known
+norms and activation (``native_step.plan``), the step is one C call (``engine == "native"``,
+``native_step.NativeStep``). Otherwise it is compiled once by ``torch.compile(fullgraph=True)``
+(``"compiled"``): quantized linears call the C kernels through a C++ operator
+(``lowbit.kernels.torch_ops``), other quantized layers through the ``lowbit::`` custom ops
+(``lowbit.kernels.ops``). ``native=False`` skips the C step, ``compile=False`` the compilation (``"eager"``).
+The prompt is one C call too where the native engine runs and its rows stay within ``NativeStep.max_rows``;
+otherwise it runs eagerly through the same modules (its linears take the batched kernels).
 
-``dot="int8"`` runs quantized linears at decode on int8 activation dot products (``cpu_native_a8``:
-activations rounded to int8 per 32 values, as llama.cpp's Q8_0 does) where that backend can run them;
-``dot="float"`` (default) keeps each layer's own backend, and greedy tokens then equal the plain forward's.
+``dot="int8"`` runs quantized linears on int8 activation dot products (``cpu_native_a8``: activations
+rounded to int8 per 32 values, as llama.cpp's Q8_0 does) where that backend can run them: at every decode
+step, and on the prompt where it is one C call (the exact batched kernels otherwise);
+``dot="float"`` (default) keeps each layer's own backend, and greedy tokens then equal the plain forward's
+(tested; the C step's norms, rotary and attention round differently from torch's in the last bits).
 If the cache is too short for a prompt or a step it grows (reallocated, copied; the step recompiles once
 for the new length); past the model's ``max_position_embeddings`` it refuses. If ``torch.compile`` is
 unavailable or fails, the step runs eagerly, with one warning.
@@ -28,6 +34,7 @@ from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.decode.layers import Block, describe, single
+from lowbit.decode.native_step import NativeStep, plan
 
 INT8_DOT = "cpu_native_a8"
 DOTS = {"float": None, "int8": INT8_DOT}
@@ -68,6 +75,7 @@ class Decoder:
         compile: bool = True,
         dot: str = "float",
         fuse: bool = True,
+        native: bool = True,
     ) -> None:
         if dot not in DOTS:
             raise LowbitError(f"dot must be one of {', '.join(DOTS)}, not {dot!r}")
@@ -77,9 +85,16 @@ class Decoder:
         self.embed = model.model.embed_tokens
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.net = _Step(model, DOTS[dot], fuse).eval()
+        self.native_reason = plan(self.net) if native else "turned off (native=False)"
+        self._native: NativeStep | None = None
         self.cache_len, self.pos = 0, 0
         self._grow(min(cache_len, self.arch.max_positions))
-        self._compiled = self._compile() if compile else None
+        self._compiled = self._compile() if compile and self._native is None else None
+
+    @property
+    def engine(self) -> str:
+        """How a step runs: "native" (one C call), "compiled" (torch.compile) or "eager"."""
+        return "native" if self._native is not None else "compiled" if self._compiled is not None else "eager"
 
     # ----- cache -----
     def _grow(self, length: int) -> None:
@@ -96,6 +111,8 @@ class Decoder:
             for new, o in zip(cache, old, strict=False):
                 new[:, :, : self.pos].copy_(o[:, :, : self.pos])
         self.cache_len = length
+        if self.native_reason is None:
+            self._native = NativeStep(self.net, a, self.net.k_cache, self.net.v_cache)
 
     def _need(self, end: int) -> None:
         """Make room for positions ``[0, end)``: at least double the cache, within the model's limit."""
@@ -145,9 +162,17 @@ class Decoder:
         ids = self._check_ids(ids)
         self.pos = 0
         self._need(ids.shape[1])
-        logits = self.net(self.embed(ids), torch.arange(ids.shape[1]), None)
+        if self._native is not None and ids.shape[1] <= self._native.max_rows:
+            logits = self._native(self._rows(ids), 0)
+        else:
+            logits = self.net(self.embed(ids), torch.arange(ids.shape[1]), None)
         self.pos = ids.shape[1]
         return logits
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of ``ids (1, M)`` in a new float32 ``(M, hidden)`` buffer (the C step writes it)."""
+        e = self.embed(ids)[0]
+        return torch.empty(e.shape, dtype=torch.float32).copy_(e)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -156,6 +181,10 @@ class Decoder:
             raise LowbitError("step() before prefill(): start a sequence with prefill(ids)")
         token = self._check_ids(token).reshape(1, 1)
         self._need(self.pos + 1)
+        if self._native is not None:
+            logits = self._native(self._rows(token), self.pos)
+            self.pos += 1
+            return logits
         positions = torch.tensor([self.pos])
         mask = (torch.arange(self.cache_len) <= self.pos)[None, :]
         logits = self._run_step(self.embed(token), positions, mask)

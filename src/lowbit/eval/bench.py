@@ -4,10 +4,10 @@
   backend that can run it against a float32 ``nn.Linear`` of the same shape, per batch size.
 - end to end: greedy generation at batch 1: prefill tokens/s (the prompt) and decode tokens/s (new
   tokens after the first), float and quantized alternating round by round, through lowbit's fast decode
-  path (``lowbit.decode``: static cache, compiled step; compilation is part of the warm-up, reported as
-  ``warmup_s``) or the model's own forward; weight bytes (real bytes of
-  parameters and buffers, shared ones once); peak memory of generation above the resident model, from
-  the kernel's high-water mark (``/proc/self/clear_refs``), Linux only.
+  path (``lowbit.decode``: static cache, the step as one C call or compiled; the decoder column says
+  which; compilation is part of the warm-up, reported as ``warmup_s``) or the model's own forward;
+  weight bytes (real bytes of parameters and buffers, shared ones once); peak memory of generation above
+  the resident model, from the kernel's high-water mark (``/proc/self/clear_refs``), Linux only.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _generate(model: nn.Module, ids: torch.Tensor, new: int) -> tuple[float, flo
 
 
 def _generate_fast(dec: Decoder, ids: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
-    """``_generate`` through a ``lowbit.decode.Decoder`` (static cache, compiled step)."""
+    """``_generate`` through a ``lowbit.decode.Decoder`` (static cache, one-call or compiled step)."""
     t0 = time.perf_counter()
     tok, toks = dec.prefill(ids).argmax(-1, keepdim=True), []
     t1 = time.perf_counter()
@@ -121,8 +121,8 @@ def _runner(
         except Unsupported:
             dec = None
         if dec is not None:
-            _generate_fast(dec, ids[:, :8], 2)  # compiles the step
-            return partial(_generate_fast, dec), "fast", time.perf_counter() - t
+            _generate_fast(dec, ids[:, :8], 2)  # compiles the step (unless it runs as one C call)
+            return partial(_generate_fast, dec), f"fast ({dec.engine})", time.perf_counter() - t
     _generate(model, ids[:, :8], 2)  # warm-up: kernel builds, first-call allocations
     return partial(_generate, model), "hf", time.perf_counter() - t
 

@@ -20,7 +20,8 @@ measures the crossover per shape). Activations run in float32 and the result is 
 ``cpu_native_a8`` is not exact: in small batches it rounds every activation row to int8 per block of 32
 values (scale max|x| / 127, like llama.cpp's Q8_0; ``csrc/lowbit_cpu_a8.c`` states the rule) and sums
 integer products (vpdpbusd). It needs AVX512-VNNI and, registered with ``exact=False``, runs only where
-asked for by name (``backend=``, ``prefer=``, ``routes``). Large batches take the exact tiled path.
+asked for by name (``backend=``, ``prefer=``, ``routes``). A layer's forward sends large batches to the exact
+tiled path; the kernel itself takes any number of rows (``lowbit.decode``'s one-call prompt runs it on all).
 """
 
 from __future__ import annotations

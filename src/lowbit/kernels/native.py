@@ -44,7 +44,7 @@ from lowbit.core.errors import LowbitError
 from lowbit.core.fsio import atomic_write_text, cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.c"  # compiled; it includes the other csrc/*.c
-ABI_VERSION = 6
+ABI_VERSION = 7
 _COMMON = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 FLAGS = {
     "native": ["-march=native", *_COMMON],
@@ -68,6 +68,8 @@ SIGNATURES = {
     "lb_wo_gemm_a8": (
         [_ptr, _i64, _i64, _ptr, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _ptr, _int], _int
     ),
+    "lb_decode_sizes": ([_ptr], _int),
+    "lb_decode_tokens": ([_ptr, _i64, _i64, _ptr, _ptr, _int], _int),
 }  # fmt: skip
 
 

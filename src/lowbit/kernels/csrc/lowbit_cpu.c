@@ -19,7 +19,8 @@
  * Per-call buffers sit on the caller's stack up to STACK_WS bytes (decode-sized calls never malloc).
  *
  * lowbit_cpu_a8.c (included at the end) holds lb_wo_gemm_a8: the same weights against activations
- * rounded to int8 per block of 32, with integer dot products (vpdpbusd).
+ * rounded to int8 per block of 32, with integer dot products (vpdpbusd). lowbit_cpu_decode.c (after it)
+ * holds lb_decode_tokens: tokens through a Llama-type decoder on these kernels.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,7 +41,7 @@ enum { ZP_NONE = 0, ZP_S8 = 1, ZP_U8 = 2 };
 #define BLK 32              /* codes per inner block */
 #define STACK_WS (32 << 10) /* per-call buffers up to this size live on the caller's stack */
 
-int lb_abi_version(void) { return 6; }
+int lb_abi_version(void) { return 7; }
 
 static inline int nibbles(int code) { return code == CODE_U4 || code == CODE_L4; }
 
@@ -559,3 +560,4 @@ int lb_w8a8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t 
 }
 
 #include "lowbit_cpu_a8.c" /* weight-only matmul on int8 activations (same translation unit) */
+#include "lowbit_cpu_decode.c" /* tokens through every layer of a decoder in one call */

@@ -27,6 +27,12 @@
  * scale, otherwise a permute picks each lane's. One activation row (decode) meets four weight rows at a
  * time (shared activation loads, one horizontal sum for four outputs); weights are prefetched ahead, and
  * workers take chunks of rows dynamically.
+ *
+ * Many activation rows (from A8_MANY_ROWS): workers take tiles of 32 weight rows and unpack each one's codes
+ * once per call into u8 operands (per block, vector j holds codes 4j .. 4j + 3 of each row of a strip of 16
+ * as its int32 lane). Four activation rows meet two strips at a time, a broadcast activation quad per
+ * vpdpbusd; each lane ends a block with its exact sum, scaled by d_b into runs of up to 8 blocks, runs by
+ * s_g into the total (outputs differ from the one-row path's by float rounding, ~1e-6 relative).
  */
 
 #define A8_UNIT_W 64           /* weight bytes per unit */
@@ -120,13 +126,11 @@ static void a8_quantize(const float *x, int64_t K, int64_t nbp, int8_t *q, float
     }
 }
 
-/* T (G) for one row: T_g = sum_{b in g} d_b qs_b, the factor of the stored zero point of group g. */
+/* T (G) for one row: T_g = sum_{b in g} d_b qs_b, the factor of the stored zero point of group g (the last
+ * group also takes the padding blocks). */
 static void a8_zp_sums(const a8_shape *s, const float *d, const int32_t *qs, float *T) {
-    for (int64_t g = 0; g < s->G; g++) T[g] = 0.0f;
-    for (int64_t b = 0; b < s->nbp; b++) {
-        int64_t g = b / s->per < s->G ? b / s->per : s->G - 1;
-        T[g] += d[b] * (float)qs[b];
-    }
+    for (int64_t g = 0, b = 0; g < s->G; g++)
+        for (T[g] = 0.0f; b < (g == s->G - 1 ? s->nbp : (g + 1) * s->per); b++) T[g] += d[b] * (float)qs[b];
 }
 
 #ifdef A8_SIMD
@@ -425,6 +429,8 @@ static void a8_span(const a8_call *c, int t, int64_t n0, int64_t n1) {
 }
 #endif
 
+#include "lowbit_cpu_a8_many.c" /* the many-row path: a8_many */
+
 /* Bytes of the workspace of one call with nt workers, piece by piece as lb_wo_gemm_a8 takes them. */
 static int64_t a8_workspace(const a8_shape *s, int64_t M, int nt) {
     (void)nt;
@@ -446,9 +452,12 @@ int lb_wo_gemm_a8(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_
     a8_call c = {.s = a8_shape_of(K, code, offset, group), .w = w, .M = M, .row_bytes = row_bytes, .code = code,
                  .sk = sk, .zk = zk, .scale = scale, .zp = zp, .bias = bias, .y = y, .N = N};
     const a8_shape *s = &c.s;
+    int nt = nthreads > 1 ? nthreads : 1;
+#ifdef A8_SIMD
+    if (M >= A8_MANY_ROWS) return a8_many(&c, x, nt);
+#endif
     _Alignas(64) uint8_t stack[STACK_WS];
     void *heap;
-    int nt = nthreads > 1 ? nthreads : 1;
     uint8_t *ws = workspace((size_t)a8_workspace(s, M, nt), stack, &heap);
     if (!ws) return -1;
     int8_t *q = take(&ws, M * s->nbp * BLK);
