@@ -117,15 +117,16 @@ def _parser() -> argparse.ArgumentParser:
         "--decoder",
         choices=("fast", "hf"),
         default="fast",
-        help="generation path: fast = lowbit.decode (static KV cache, compiled step; falls back to the "
-        "model's forward for an unknown architecture), hf = the model's own forward (default fast)",
+        help="generation path: fast = lowbit.decode (static KV cache, prompt and steps as one C call each, "
+        "or a compiled step; falls back to the model's forward for an unknown architecture), hf = the "
+        "model's own forward (default fast)",
     )
     b.add_argument(
         "--dot",
         choices=("float", "int8"),
         default="float",
-        help="fast path's decode dot products: float (exact) or int8 activations per 32 values, as "
-        "llama.cpp (default float)",
+        help="fast path's dot products: float (exact) or int8 activations per 32 values, as llama.cpp "
+        "(default float)",
     )
     a = sub.add_parser("advise", help="measure the fastest scheme and backend per layer shape and batch size")
     a.add_argument("model", help="model reference or checkpoint: its Linear shapes are measured")
