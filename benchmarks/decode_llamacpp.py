@@ -57,6 +57,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import lowbit
 from lowbit.data import eval_tokens
+from lowbit.decode.layers import NativeLinear
 
 RESULTS = Path(__file__).parent / "results"
 LLAMA_REPS = 2  # llama-bench -r per invocation; repeated once per round
@@ -303,8 +304,8 @@ def prefill_split(dec, ids) -> dict[str, float]:
     bucket). ``other``: the prefill minus its linears (attention, norms, rotary, cache, dispatch)."""
     whole = _median_ms(lambda: dec.prefill(ids))
     rows = ids.shape[1]
-    if dec.engine == "native" and rows <= dec._native.max_rows:
-        linears = [m for m in dec.net.modules() if type(m).__name__ == "NativeLinear"]
+    if dec.native_prompt(rows):
+        linears = [m for m in dec.net.modules() if isinstance(m, NativeLinear)]
         kernels = sum(_median_ms(partial(_replay, lin, torch.randn(rows, lin.layer.cols))) for lin in linears)
     else:
         handles = _annotate(dec.net)

@@ -58,7 +58,7 @@ so every token is predicted once (the first from the end-of-text token) from the
 window, and a window's first prediction sees the last token of the window before;
 ``generate_until`` decodes greedily, ``max_gen_toks`` tokens at most (default 256), and stops at the first
 ``until`` string or end-of-text (sampling settings are ignored, with a warning); a batch of one context
-runs through ``lowbit.decode`` (static KV cache, compiled step) where the architecture allows.
+runs through ``lowbit.decode`` (static KV cache, one-call or compiled step) where the architecture allows.
 """
 
 from __future__ import annotations

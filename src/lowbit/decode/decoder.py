@@ -162,12 +162,16 @@ class Decoder:
         ids = self._check_ids(ids)
         self.pos = 0
         self._need(ids.shape[1])
-        if self._native is not None and ids.shape[1] <= self._native.max_rows:
+        if self.native_prompt(ids.shape[1]):
             logits = self._native(self._rows(ids), 0)
         else:
             logits = self.net(self.embed(ids), torch.arange(ids.shape[1]), None)
         self.pos = ids.shape[1]
         return logits
+
+    def native_prompt(self, rows: int) -> bool:
+        """Whether a prompt of ``rows`` tokens runs as one C call (within ``NativeStep.max_rows``)."""
+        return self._native is not None and rows <= self._native.max_rows
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The embeddings of ``ids (1, M)`` in a new float32 ``(M, hidden)`` buffer (the C step writes it)."""

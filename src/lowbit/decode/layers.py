@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.kernels import torch_ops
-from lowbit.kernels.cpu_native import gemv_rows
+from lowbit.kernels.cpu_native import bias32, gemv_rows
 from lowbit.kernels.registry import select
 from lowbit.nn import QLinear
 
@@ -134,8 +134,7 @@ class NativeLinear(nn.Module):
         self.max_rows = gemv_rows(layer)
         args = torch_ops.static_args(layer)
         self.register_buffer("lut", args.pop("lut"), persistent=False)
-        bias = None if layer.bias is None else layer.bias.float().contiguous()
-        self.register_buffer("bias32", bias, persistent=False)
+        self.register_buffer("bias32", bias32(layer), persistent=False)
         self.args = args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ built when the caches are reallocated.
 from __future__ import annotations
 
 import ctypes
+from functools import cache
 
 import torch
 from torch import nn
@@ -60,6 +61,16 @@ class _Decoder(ctypes.Structure):
     ]
 
 
+@cache
+def _check_layout(lib) -> None:
+    """Refuse a library whose structures differ in size from these ctypes ones (checked once per library)."""
+    sizes = (ctypes.c_int64 * 3)()
+    lib.lb_decode_sizes(sizes)
+    mine = (ctypes.sizeof(_Lin), ctypes.sizeof(_Layer), ctypes.sizeof(_Decoder))
+    if tuple(sizes) != mine:
+        raise LowbitError(f"lb_decode_tokens' structures are {tuple(sizes)} bytes, expected {mine}")
+
+
 def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
@@ -71,7 +82,7 @@ def _linears(block) -> list[nn.Module]:
 def plan(net: nn.Module) -> str | None:
     """Why ``net`` (a ``decoder._Step``) cannot run as one C call, or None if it can."""
     lib = native.library()
-    if lib is None or not hasattr(lib, "lb_decode_tokens"):
+    if lib is None:
         return "lowbit's C kernels are not available"
     rope = getattr(net.rotary, "rope_type", "default")
     if rope not in STATIC_ROPE:
@@ -104,7 +115,7 @@ class NativeStep:
         if reason is not None:
             raise LowbitError(f"the one-call decode step cannot run this model: {reason}")
         self._lib = native.library()
-        self._check_layout()
+        _check_layout(self._lib)
         self._keep: list[torch.Tensor] = []
         length = k_cache[0].shape[2]
         cos, sin = net.rotary(k_cache[0], torch.arange(length)[None])
@@ -126,13 +137,6 @@ class NativeStep:
             final_norm=self._p(net.norm.weight), head=self._lin(net.head), layer=layers,
         )  # fmt: skip
         self._ref = ctypes.byref(self.desc)
-
-    def _check_layout(self) -> None:
-        sizes = (ctypes.c_int64 * 3)()
-        self._lib.lb_decode_sizes(sizes)
-        mine = (ctypes.sizeof(_Lin), ctypes.sizeof(_Layer), ctypes.sizeof(_Decoder))
-        if tuple(sizes) != mine:
-            raise LowbitError(f"lb_decode_step's structures are {tuple(sizes)} bytes, expected {mine}")
 
     def _p(self, t: torch.Tensor | None) -> int | None:
         """``t``'s address (kept alive with this step); None for None."""

@@ -137,7 +137,7 @@ def end_to_end(
 ) -> dict:
     """Per model: prefill and decode tokens/s (median over alternating rounds), memory, token agreement.
     ``decoder``: "fast" (lowbit.decode, falling back to the model's forward for an unknown architecture)
-    or "hf" (the model's forward and dynamic cache); ``dot``: the fast path's decode dot products."""
+    or "hf" (the model's forward and dynamic cache); ``dot``: the fast path's dot products."""
     times = {k: ([], []) for k in models}
     tokens, peak, runners = {}, {}, {}
     for k, m in models.items():

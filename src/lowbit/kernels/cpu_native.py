@@ -127,7 +127,8 @@ def _weight_args(layer) -> tuple:
     return args if args[2] is layer.zero_point else _native_args(layer)
 
 
-def _bias(layer) -> torch.Tensor | None:
+def bias32(layer) -> torch.Tensor | None:
+    """The layer's bias as float32, contiguous (itself where it already is), or None."""
     b = layer.bias
     return b if b is None or (b.dtype == torch.float32 and b.is_contiguous()) else b.float().contiguous()
 
@@ -135,7 +136,7 @@ def _bias(layer) -> torch.Tensor | None:
 def _run(fn, x: torch.Tensor, layer, *weight) -> torch.Tensor:
     """``fn(x, M, *weight, bias, y, threads)`` for float32 ``x (..., K)`` contiguous (M rows); ``y (..., N)``
     new."""
-    b = _bias(layer)
+    b = bias32(layer)
     y = torch.empty(*x.shape[:-1], layer.rows)
     bias = b.data_ptr() if b is not None else None
     rc = fn(x.data_ptr(), x.numel() // layer.cols, *weight, bias, y.data_ptr(), native.threads())
@@ -238,7 +239,7 @@ def w8a8_small(x: torch.Tensor, layer) -> torch.Tensor:
     products (VNNI), zero-point term from the weight row sums."""
     m, n = x.shape[0], layer.rows
     y, xs = torch.empty(m, n), torch.empty(m)
-    b = _bias(layer)
+    b = bias32(layer)
     rc = native.library().lb_w8a8_gemm(
         x.data_ptr(), m, layer.cols, layer.qweight.data_ptr(), n, layer.scale.data_ptr(),
         SCALE_KINDS[layer.scale.dtype], b.data_ptr() if b is not None else None, y.data_ptr(),

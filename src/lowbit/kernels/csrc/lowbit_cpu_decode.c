@@ -66,7 +66,8 @@ static int lins_run(const lb_lin *l, int n, int64_t M, const float *x, float *y,
     int rc;
     if (n == 1) {
         if ((rc = lin_run(l, M, x, y, nt))) return rc;
-        for (int i = 0, off = 0; i < k; off += sizes[i], i++) out->part[i] = y + off, out->stride[i] = l->N;
+        int64_t off = 0;
+        for (int i = 0; i < k; off += sizes[i], i++) out->part[i] = y + off, out->stride[i] = l->N;
         return 0;
     }
     for (int i = 0; i < n; i++) {
