@@ -12,8 +12,8 @@
 | `dynamic_linear`     | int8 symmetric per channel       | u8 x s8 dot products | ``torch._int_mm``      |
 | `cpu_native`         |                                  |                      |                        |
 
-On CPUs with AVX512-BF16, 4-bit weights meet one or two activation rows with bf16 dot products: the
-activations are split exactly into three bf16 terms, so the products are float32's (see the C source).
+With AVX-512, 4-bit codes become floats 16 at a time by one permute of a 16-float table and meet up to 4
+activation rows in float32 FMAs (``csrc/lowbit_cpu_q4.c``).
 "Small batch" is up to ``layer.native_gemv_rows`` activation rows (default ``GEMV_ROWS``; ``lowbit advise``
 measures the crossover per shape). Activations run in float32 and the result is cast back to the input dtype.
 

@@ -20,8 +20,8 @@ torch's own ops share one thread pool; the kernels use ``torch.get_num_threads()
 Set ``LOWBIT_NATIVE=0`` to turn the kernels off (the reference backend then runs, with a warning).
 
 Variants (``FLAGS``): ``native`` is what runs; ``nobf16`` (native without AVX512-BF16, AVX512-VBMI and
-GFNI, as on a Cascade Lake) and ``generic`` (x86-64-v2, the portable C paths) exist so the tests cover
-every code path on one machine.
+GFNI, as on a Cascade Lake: the int8-activation kernel's other unpacking paths) and ``generic`` (x86-64-v2,
+the portable C paths) exist so the tests cover every code path on one machine.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from lowbit.core.errors import LowbitError
 from lowbit.core.fsio import atomic_write_text, cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.c"  # compiled; it includes the other csrc/*.c
-ABI_VERSION = 7
+ABI_VERSION = 8
 _COMMON = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 FLAGS = {
     "native": ["-march=native", *_COMMON],
@@ -55,7 +55,6 @@ _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
     "lb_abi_version": ([], _int),
     "lb_has_avx512": ([], _int),
-    "lb_has_bf16": ([], _int),
     "lb_has_vnni": ([], _int),
     "lb_wo_gemm": (
         [_ptr, _i64, _i64, _ptr, _i64, _i64, _int, _int, _i64, _ptr, _int, _ptr, _int, _ptr, _i64, _ptr, _ptr,

@@ -41,7 +41,7 @@ enum { ZP_NONE = 0, ZP_S8 = 1, ZP_U8 = 2 };
 #define BLK 32              /* codes per inner block */
 #define STACK_WS (32 << 10) /* per-call buffers up to this size live on the caller's stack */
 
-int lb_abi_version(void) { return 7; }
+int lb_abi_version(void) { return 8; }
 
 static inline int nibbles(int code) { return code == CODE_U4 || code == CODE_L4; }
 
@@ -49,11 +49,6 @@ static inline int nibbles(int code) { return code == CODE_U4 || code == CODE_L4;
 int lb_has_avx512(void) { return 1; }
 #else
 int lb_has_avx512(void) { return 0; }
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-int lb_has_bf16(void) { return 1; } /* 4-bit weights take the bf16 dot-product path */
-#else
-int lb_has_bf16(void) { return 0; }
 #endif
 
 static inline float scale_at(const void *p, int kind, int64_t i) {
@@ -233,117 +228,7 @@ static inline __attribute__((always_inline)) void row_mb(const uint8_t *wr, int6
     for (int i = 0; i < MB; i++) out[i] = _mm512_reduce_add_ps(tot[i]) - corr[i];
 }
 
-#if defined(__AVX512BF16__)
-#define LB_BF16 1
-/* One activation row against 4-bit weights with bf16 dot products (vdpbf16ps: 32 products a
- * instruction, float32 accumulation). Codes 0..15 are exact in bf16, and each activation is split
- * exactly into three bf16 terms x = hi + mid + lo (8 + 8 + 8 significant bits), so every product is
- * the float32 product: results agree with the float32 kernels to accumulation order. Work goes by
- * chunks of 64 codes (32 bytes): byte j of chunk c holds codes 64c + 2j (low nibble) and 64c + 2j + 1
- * (high nibble). Taken for rows one at a time (M <= 2): from 3 rows on, the float32 kernel's shared
- * weight decoding wins. */
-#define NT 3          /* bf16 terms per activation */
-#define CH 64         /* codes per chunk */
-#define XW (64 * NT)  /* bf16 words of activations per chunk */
-
-/* xb (nch, NT, 2, 32) bf16 for one row x (K): chunk c term t is [t(even) | t(odd)], even word j being
- * the term of x[64c + 2j] and odd word j of x[64c + 2j + 1]; zero past K. */
-static void prepare_x_bf16(const float *x, int64_t K, int64_t nch, uint16_t *xb) {
-    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
-    for (int64_t c = 0; c < nch; c++) {
-        __m512 v[4];
-        for (int q = 0; q < 4; q++) {
-            int64_t left = K - c * CH - q * 16;
-            __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            v[q] = _mm512_maskz_loadu_ps(mk, x + c * CH + q * 16);
-        }
-        __m512 part[4] = {_mm512_permutex2var_ps(v[0], ev, v[1]), _mm512_permutex2var_ps(v[2], ev, v[3]),
-                          _mm512_permutex2var_ps(v[0], od, v[1]), _mm512_permutex2var_ps(v[2], od, v[3])};
-        for (int q = 0; q < 4; q++) {
-            __m512 r = part[q];
-            for (int t = 0; t < NT; t++) { /* r - float(bf16(r)) is exact: the next term takes it */
-                __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
-                _mm256_storeu_si256((__m256i *)(xb + c * XW + t * 64 + q * 16), h);
-                r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-            }
-        }
-    }
-}
-
-/* Chunk c of weight row wr against the activation chunk xc: low-nibble products into e[0..1],
- * high-nibble products into o[0..1] (two chains each). */
-static inline __attribute__((always_inline)) void chunk_dp(const uint8_t *wr, int64_t c, int64_t row_bytes,
-                                                           const uint16_t *xc, __m512i tbl, __m512 *e,
-                                                           __m512 *o) {
-    int64_t off = c * 32, left = row_bytes - off;
-    __m256i raw = left >= 32 ? _mm256_loadu_si256((const __m256i *)(wr + off))
-                             : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1), wr + off);
-    __m512i w = _mm512_cvtepu8_epi16(raw);
-    __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, _mm512_set1_epi16(15)), tbl);
-    __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), tbl);
-    for (int t = 0; t < NT; t++) {
-        e[t & 1] = _mm512_dpbf16_ps(e[t & 1], lo, (__m512bh)_mm512_loadu_si512(xc + t * 64));
-        o[t & 1] = _mm512_dpbf16_ps(o[t & 1], hi, (__m512bh)_mm512_loadu_si512(xc + t * 64 + 32));
-    }
-}
-
-/* y[n] for one activation row: 4-bit codes, group 32, a multiple of 64, or one group (G == 1).
- * Scales are read 16 at a time and broadcast by a permute; with group 32 a chunk holds two groups,
- * whose dot products fall in lanes 0-7 and 8-15. */
-static float row_bf16(const uint8_t *wr, int64_t n, int64_t nch, int64_t row_bytes, float offset,
-                      int64_t group, int64_t G, const void *scale, int sk, const void *zp, int zk,
-                      const uint16_t *xb, const float *xs) {
-    const __m512i tbl = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160,
-                                         0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0,
-                                         0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0); /* bf16(u), u < 16 */
-    const int pair = group == 32 && G > 1;
-    const int64_t per = G == 1 ? nch : pair ? 1 : group / CH;
-    const __m512i step = _mm512_set1_epi32(pair ? 2 : 1);
-    __m512 tot = _mm512_setzero_ps();
-    for (int64_t g0 = 0, c = 0; g0 < G; g0 += 16) {
-        __mmask16 mk = G - g0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g0)) - 1);
-        __m512 s16 = scales16(scale, sk, n * G + g0, mk);
-        __m512i idx = pair ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                           : _mm512_setzero_si512();
-        for (int j = 0; j < 16 && c < nch; j += pair ? 2 : 1) {
-            int64_t c1 = c + per < nch ? c + per : nch;
-            __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, o[2] = {e[0], e[0]};
-            for (; c < c1; c++) chunk_dp(wr, c, row_bytes, xb + c * XW, tbl, e, o);
-            __m512 sum = _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(o[0], o[1]));
-            tot = _mm512_fmadd_ps(sum, _mm512_permutexvar_ps(idx, s16), tot);
-            idx = _mm512_add_epi32(idx, step);
-        }
-    }
-    float corr;
-    zp_correction(n, 0, 1, G, scale, sk, zp, zk, offset, xs, &corr);
-    return _mm512_reduce_add_ps(tot) - corr;
-}
-
-/* lb_wo_gemm for 4-bit codes on the bf16 path, row by row (see row_bf16 for the groups it takes). */
-static int wo_gemm_u4_bf16(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                           int64_t row_bytes, int offset, int64_t group, int64_t G, const void *scale,
-                           int sk, const void *zp, int zk, const float *bias, float *y, int nthreads) {
-    int64_t nch = (K + CH - 1) / CH;
-    _Alignas(64) uint8_t stack[STACK_WS];
-    void *heap;
-    uint8_t *ws = workspace(round_up(2 * nch * XW, 64) + round_up(4 * G, 64), stack, &heap);
-    if (!ws) return -1;
-    uint16_t *xb = take(&ws, 2 * nch * XW);
-    float *xs = take(&ws, 4 * G);
-    for (int64_t m = 0; m < M; m++) {
-        prepare_x_bf16(x + m * K, K, nch, xb);
-        group_sums(x + m * K, 1, K, group, G, xs);
-        float *ym = y + m * N;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++)
-            ym[n] = row_bf16(w + n * row_bytes, n, nch, row_bytes, (float)offset, group, G, scale, sk, zp, zk,
-                             xb, xs) + (bias ? bias[n] : 0.0f);
-    }
-    free(heap);
-    return 0;
-}
-#endif /* __AVX512BF16__ */
+#include "lowbit_cpu_q4.c" /* 4-bit codes: a permute turns 16 nibbles into floats */
 #else
 static inline float code_at(const uint8_t *wr, int64_t k, int code, const float *lut) {
     if (code == CODE_L4) return lut[(wr[k / 2] >> ((k % 2) * 4)) & 15];
@@ -382,9 +267,10 @@ int lb_wo_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N
                const float *lut, int64_t lut_stride, const float *bias, float *y, int nthreads) {
     int64_t Kp = round_up(K, BLK), Mp = round_up(M, 4), G = (K + group - 1) / group;
     if (group >= K) group = Kp;
-#ifdef LB_BF16
-    if (code == CODE_U4 && M <= 2 && (G == 1 || group == 32 || group % CH == 0))
-        return wo_gemm_u4_bf16(x, M, K, w, N, row_bytes, offset, group, G, scale, sk, zp, zk, bias, y, nthreads);
+#ifdef __AVX512F__
+    if (nibbles(code))
+        return wo_gemm_q4(x, M, K, w, N, row_bytes, code, offset, group, G, scale, sk, zp, zk, lut, lut_stride,
+                          bias, y, nthreads);
 #endif
     _Alignas(64) uint8_t stack[STACK_WS];
     void *heap;
