@@ -18,6 +18,7 @@
  * reordered even-then-odd to match the nibbles), which is what makes any K and partial groups safe.
  * Per-call buffers sit on the caller's stack up to STACK_WS bytes (decode-sized calls never malloc).
  *
+ * lowbit_cpu_q4.c (included in the AVX-512 section) holds lb_wo_gemm's path for 4-bit codes there.
  * lowbit_cpu_a8.c (included at the end) holds lb_wo_gemm_a8: the same weights against activations
  * rounded to int8 per block of 32, with integer dot products (vpdpbusd). lowbit_cpu_decode.c (after it)
  * holds lb_decode_tokens: tokens through a Llama-type decoder on these kernels.
