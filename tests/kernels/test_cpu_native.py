@@ -26,7 +26,7 @@ SPECS = {
     "int4-g64-sym": QuantSpec("int4", True, PerGroup(64), "float16"),
     "uint4-channel": QuantSpec("uint4", False, PerChannel(0), "float16"),
     "uint4-g256-wide": QuantSpec("uint4", False, PerGroup(256), "float16"),
-    "uint4-g96": QuantSpec("uint4", False, PerGroup(96), "float16"),  # neither 32, 64 nor a multiple of 128: per-quarter scales
+    "uint4-g96": QuantSpec("uint4", False, PerGroup(96), "float16"),  # not 32, 64 or 128k: scales by quarter
     "int4-g32-bf16scale": QuantSpec("int4", False, PerGroup(32), "bfloat16"),
     # 4-bit codebooks: indices looked up in the format's level table
     "nf4-g64": QuantSpec("nf4", True, PerGroup(64), "float16"),
