@@ -14,8 +14,9 @@
  *
  * Per group g of row n:  y[m, n] += s * (sum_k c_k x[m, k]  -  z * sum_k x[m, k]),  z = zp - offset,
  * so codes are turned into floats once and the zero point costs one multiply per group.
- * Activations are copied into a zero-padded buffer (K rounded up to 32; for 4-bit each block of 32
- * reordered even-then-odd to match the nibbles), which is what makes any K and partial groups safe.
+ * Activations are copied into a zero-padded buffer (K rounded up to 32; for 4-bit codes in the portable
+ * path each block of 32 reordered even-then-odd to match the nibbles; the AVX-512 4-bit path has its own
+ * order, lowbit_cpu_q4.c), which is what makes any K and partial groups safe.
  * Per-call buffers sit on the caller's stack up to STACK_WS bytes (decode-sized calls never malloc).
  *
  * lowbit_cpu_q4.c (included in the AVX-512 section) holds lb_wo_gemm's path for 4-bit codes there.
